@@ -1,0 +1,1 @@
+"""Backend adapters: one module per backend, each implementing adapters.base."""

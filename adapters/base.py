@@ -1,0 +1,179 @@
+"""The byte-level contract every blob backend implements in full.
+
+Five operations (put, get, head, delete_many, list) plus capabilities declared as data.  The
+facade (``cylon_store.store``) builds everything convenient on top, once: Arrow encoding,
+checksums, retries, exists/delete-one, streaming reads.  Optional abilities (blocking
+notification, an atomic counter) are methods guarded by a capability flag; calling one the
+backend does not declare raises ``NotSupportedError``.
+
+Semantics every adapter guarantees:
+
+==================  ============================================================================
+put                 atomic: a reader sees the old object, the new one, or nothing; never a mix.
+                    ``PutMode.CREATE`` fails with ``AlreadyExistsError`` if the key exists, and
+                    of concurrent creators exactly one wins.  An exception from the payload
+                    iterator aborts the put: nothing becomes visible, nothing is left behind.
+get                 the whole object or a byte range ``[start, end)``; ``if_version`` makes the
+                    read fail with ``PreconditionError`` if the object changed since ``head``.
+head                size and an opaque version string; ``NotFoundError`` if absent.
+delete_many         missing keys are not an error (idempotent).
+list                every key starting with ``prefix`` (plain string prefix), order unspecified.
+==================  ============================================================================
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Optional, Sequence, Union
+
+from cylon_store.errors import NotSupportedError
+
+#: What ``put`` accepts as one chunk of payload: anything with the buffer protocol.
+BufferLike = Union[bytes, bytearray, memoryview, "pyarrow.Buffer"]  # noqa: F821
+
+
+class PutMode(enum.Enum):
+    """Conditional writes as a mode, not a separate method."""
+
+    OVERWRITE = "overwrite"
+    CREATE = "create"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, as data the facade and the communicator read."""
+
+    #: ``PutMode.CREATE`` is atomic (exactly one concurrent creator wins).
+    conditional_create: bool = True
+    #: ``get(key, byte_range=...)`` reads only the range (otherwise the facade reads it all).
+    byte_ranges: bool = True
+    #: Largest object one put may write, in bytes (None: no limit but memory/disk).
+    max_object_size: Optional[int] = None
+    #: ``notify``/``wait`` implemented: waiters block instead of polling.
+    notification: bool = False
+    #: ``incr`` implemented: an atomic counter (rendezvous by increment).
+    atomic_counter: bool = False
+    #: The payload iterator is consumed incrementally (memory bounded by one chunk).
+    streaming_put: bool = True
+    #: The transport moves data rank to rank directly (UCX, MPI), not through storage.
+    point_to_point: bool = False
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    key: str
+    size: int
+    #: Opaque; changes whenever the object is replaced.
+    version: str = ""
+
+
+class Stats:
+    """Thread-safe request and byte counters; ``snapshot()`` is what ``store.stats()`` returns.
+
+    The facade counts logical operations; adapters add backend requests (e.g. multipart parts,
+    write units) under their own names with ``count``.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests: Counter = Counter()
+        self._extra: Counter = Counter()
+        self.bytes_out = 0   # written to the backend
+        self.bytes_in = 0    # read from the backend
+
+    def count(self, kind: str, n: int = 1) -> None:
+        with self._lock:
+            self._requests[kind] += n
+
+    def add(self, name: str, amount: float) -> None:
+        with self._lock:
+            self._extra[name] += amount
+
+    def sent(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_out += nbytes
+
+    def received(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_in += nbytes
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "requests": dict(self._requests),
+                "requests_total": sum(self._requests.values()),
+                "bytes_out": self.bytes_out,
+                "bytes_in": self.bytes_in,
+                **{k: v for k, v in self._extra.items()},
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            self._requests.clear()
+            self._extra.clear()
+            self.bytes_out = self.bytes_in = 0
+
+
+class BlobAdapter:
+    """Base of blob adapters: subclasses set ``scheme``, ``Config``, ``capabilities`` and
+    implement the five operations.  Constructed by the facade with the URL location, the
+    adapter's frozen config and the store's ``Stats``; must not do network I/O in ``__init__``
+    beyond what it needs to fail fast on a bad configuration.
+    """
+
+    scheme: ClassVar[str] = ""
+    #: Frozen dataclass of this backend's own options (beyond ``StoreOptions``).
+    Config: ClassVar[type]
+    capabilities: Capabilities = Capabilities()
+
+    def __init__(self, location: str, config, stats: Stats):
+        self.location = location
+        self.config = config
+        self.stats = stats
+
+    # -- the contract -------------------------------------------------------------------
+    def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:
+        """Write the concatenation of ``chunks`` under ``key``; return the bytes written."""
+        raise NotImplementedError
+
+    def get(self, key: str, byte_range: Optional[tuple[int, int]] = None,
+            if_version: Optional[str] = None) -> BufferLike:
+        raise NotImplementedError
+
+    def head(self, key: str) -> ObjectMeta:
+        raise NotImplementedError
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[ObjectMeta]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release clients and pools. Idempotent."""
+
+    # -- optional, by capability --------------------------------------------------------
+    def notify(self, channel: str) -> None:
+        """Leave a wake-up token on ``channel`` (tokens persist until a ``wait`` takes them)."""
+        raise NotSupportedError("blocking notification is not available; waiters poll",
+                                backend=self.scheme, op="notify")
+
+    def wait(self, channel: str, timeout: float) -> bool:
+        """Take the tokens on ``channel``; block up to ``timeout`` s for one. False on timeout."""
+        raise NotSupportedError("blocking notification is not available; waiters poll",
+                                backend=self.scheme, op="wait")
+
+    def incr(self, key: str) -> int:
+        """Atomically add one to the counter ``key`` (created at 0) and return the new value."""
+        raise NotSupportedError("no atomic counter; use the store rendezvous (create-if-absent)",
+                                backend=self.scheme, op="incr", key=key)
+
+    def delete_counter(self, key: str) -> None:
+        raise NotSupportedError("no atomic counter", backend=self.scheme, op="delete_counter",
+                                key=key)
+
+    def describe(self) -> str:
+        return f"{self.scheme}://{self.location.split('://', 1)[-1]}"

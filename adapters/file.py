@@ -1,0 +1,266 @@
+"""``file:///path``: any POSIX directory — a local disk, tmpfs, NFS or Amazon EFS.
+
+Guarantees: a put becomes visible atomically (write a temporary file in the store's own
+``.cylon-tmp`` directory, optionally fsync, then ``rename``); create-if-absent is atomic through
+``link(2)``, which fails with EEXIST when the name exists and is atomic on local filesystems, NFSv3
+and NFSv4.1 (EFS); readers open one inode, so they never see a torn object.  Errors map by errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import pyarrow as pa
+
+from cylon_store.errors import (AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError,
+                                PayloadTooLargeError, PermissionDeniedError, PreconditionError,
+                                StoreError, TransientError)
+
+from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
+
+#: Reserved top-level directory for in-flight temporary files (same filesystem as the data, so
+#: rename is atomic).  Keys may not start with it.
+TMP_DIR = ".cylon-tmp"
+#: POSIX NAME_MAX on ext4, xfs, NFS and EFS.
+NAME_MAX = 255
+
+_TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY}
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def map_os_error(exc: OSError, *, op: str, key: Optional[str], backend: str = "file") -> StoreError:
+    """Translate an OSError into the project's hierarchy by errno, keeping the text of the cause."""
+    code = exc.errno
+    detail = exc.strerror or str(exc)
+    if code in (errno.ENOENT, errno.ENOTDIR) or (code == errno.EISDIR and op != "put"):
+        return NotFoundError("no such key", backend=backend, op=op, key=key)
+    if code in (errno.EISDIR, errno.ENOTDIR):
+        return InvalidKeyError("key collides with a prefix of other keys (a filesystem cannot hold "
+                               "both 'a' and 'a/b')", backend=backend, op=op, key=key)
+    if code == errno.EEXIST:
+        return AlreadyExistsError("key already exists", backend=backend, op=op, key=key)
+    if code in _DENIED:
+        return PermissionDeniedError(f"permission denied ({detail})", backend=backend, op=op, key=key)
+    if code in _NO_SPACE:
+        return PayloadTooLargeError(f"no space for the object ({detail})", backend=backend, op=op, key=key)
+    if code == errno.ENAMETOOLONG:
+        return InvalidKeyError(f"key too long for this filesystem ({detail})", backend=backend, op=op, key=key)
+    if code in _TRANSIENT:
+        return TransientError(f"transient I/O error ({detail})", backend=backend, op=op, key=key)
+    return StoreError(f"I/O error ({detail})", backend=backend, op=op, key=key)
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    #: fsync each object before it is renamed into place (durability across a crash of the
+    #: host; visibility is atomic either way).
+    fsync: bool = True
+    #: Create the root directory if it does not exist.
+    mkdir: bool = True
+
+
+class FileAdapter(BlobAdapter):
+    scheme = "file"
+    Config = FileConfig
+    capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
+                                notification=False, streaming_put=True)
+
+    def __init__(self, location: str, config: FileConfig, stats, *, root: Optional[str] = None,
+                 backend: str = "file"):
+        super().__init__(location, config, stats)
+        self.backend = backend
+        if root is None:
+            path = location.split("://", 1)[1]
+            if not path.startswith("/"):
+                raise ConfigError(f"file URL needs an absolute path (file:///mnt/efs/x), got {location!r}")
+            root = path
+        self.root = os.path.abspath(root)
+        if config.mkdir:
+            os.makedirs(self.root, exist_ok=True)
+        elif not os.path.isdir(self.root):
+            raise ConfigError(f"store root {self.root!r} is not a directory (mkdir=false)")
+        self.tmp = os.path.join(self.root, TMP_DIR)
+        os.makedirs(self.tmp, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"{self.backend}://{self.root}"
+
+    # -- helpers -----------------------------------------------------------------------
+    def _path(self, key: str) -> str:
+        for part in key.split("/"):
+            if len(part.encode()) > NAME_MAX:
+                raise InvalidKeyError(f"a key segment is longer than {NAME_MAX} bytes", backend=self.backend, key=key)
+        if key == TMP_DIR or key.startswith(TMP_DIR + "/"):
+            raise InvalidKeyError(f"keys may not start with the reserved {TMP_DIR!r}", backend=self.backend, key=key)
+        return os.path.join(self.root, key)
+
+    def _err(self, exc: OSError, op: str, key: Optional[str]) -> StoreError:
+        return map_os_error(exc, op=op, key=key, backend=self.backend)
+
+    # -- contract -----------------------------------------------------------------------
+    def put(self, key, chunks: Iterable, mode=PutMode.OVERWRITE) -> int:
+        path = self._path(key)
+        tmp = os.path.join(self.tmp, uuid.uuid4().hex)
+        written = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise self._err(exc, "put", key) from exc
+        try:
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        written += n
+                if self.config.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._publish(tmp, path, key, mode)
+        except OSError as exc:
+            _unlink_quiet(tmp)
+            raise self._err(exc, "put", key) from exc
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+        return written
+
+    def _publish(self, tmp: str, path: str, key: str, mode: PutMode) -> None:
+        parent = os.path.dirname(path)
+        for _ in range(10):  # a concurrent delete may remove an emptied parent in between
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise InvalidKeyError("a prefix of this key is itself a key (a filesystem cannot "
+                                      "hold both 'a' and 'a/b')", backend=self.backend, op="put",
+                                      key=key) from exc
+            try:
+                if mode is PutMode.CREATE:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError as exc:
+                        raise AlreadyExistsError("key already exists (create-if-absent)",
+                                                 backend=self.backend, op="put", key=key) from exc
+                    _unlink_quiet(tmp)
+                else:
+                    os.replace(tmp, path)
+                return
+            except FileNotFoundError:
+                if not os.path.exists(tmp):
+                    raise
+                continue
+        raise TransientError("parent directory kept disappearing", backend=self.backend, op="put", key=key)
+
+    def get(self, key, byte_range=None, if_version=None):
+        path = self._path(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                if if_version is not None and _version(st) != if_version:
+                    raise PreconditionError("object changed since it was first read",
+                                            backend=self.backend, op="get", key=key)
+                start, end = 0, st.st_size
+                if byte_range is not None:
+                    start, end = byte_range
+                    end = min(end, st.st_size)
+                    start = min(start, end)
+                n = end - start
+                buf = pa.allocate_buffer(n)
+                view = memoryview(buf).cast("B")
+                got = 0
+                while got < n:
+                    r = os.preadv(f.fileno(), [view[got:]], start + got)
+                    if r == 0:
+                        raise TransientError("object shrank while being read", backend=self.backend,
+                                             op="get", key=key)
+                    got += r
+                return buf
+        except OSError as exc:
+            raise self._err(exc, "get", key) from exc
+
+    def head(self, key) -> ObjectMeta:
+        try:
+            st = os.stat(self._path(key))
+        except OSError as exc:
+            raise self._err(exc, "head", key) from exc
+        if not _is_file(st):
+            raise NotFoundError("no such key (a prefix of other keys)", backend=self.backend, op="head", key=key)
+        return ObjectMeta(key, st.st_size, _version(st))
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:
+                continue
+            except OSError as exc:
+                raise self._err(exc, "delete", key) from exc
+            parents.add(os.path.dirname(path))
+        # Remove directories the deletes emptied, deepest first, so nothing is left behind.
+        for parent in sorted(parents, key=len, reverse=True):
+            while parent != self.root and parent.startswith(self.root + os.sep):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    break
+                parent = os.path.dirname(parent)
+
+    def list(self, prefix: str) -> list[ObjectMeta]:
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(self.root, base) if base else self.root
+        out: list[ObjectMeta] = []
+        stack = [(start, base)]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                entries = os.scandir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise self._err(exc, "list", prefix) from exc
+            with entries:
+                for entry in entries:
+                    key = f"{rel}/{entry.name}" if rel else entry.name
+                    if not rel and entry.name == TMP_DIR:
+                        continue
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if is_dir:
+                        if key.startswith(prefix) or prefix.startswith(key + "/"):
+                            stack.append((entry.path, key))
+                    elif key.startswith(prefix):
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        out.append(ObjectMeta(key, st.st_size, _version(st)))
+        return out
+
+
+def _version(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _is_file(st: os.stat_result) -> bool:
+    import stat as _stat
+    return _stat.S_ISREG(st.st_mode)
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,1 @@
+"""Benchmarks: facade vs raw I/O, exchange throughput, operators vs peers."""

@@ -1,0 +1,82 @@
+"""URL scheme -> adapter class, imported lazily so ``import cylon_store`` stays light.
+
+Third parties register more with ``register("myscheme", "mypkg.mod:MyAdapter", extra=...)``.
+A scheme whose optional dependencies are missing fails with the pip command that installs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    target: Union[str, type]     # "module:Class" or the class itself
+    extra: str | None            # pip extra that brings its dependencies
+    requires: tuple              # top-level modules the adapter needs
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_LOADED: dict[str, type] = {}
+_LOCK = threading.Lock()
+
+
+def register(scheme: str, target: Union[str, type], *, extra: str | None = None,
+             requires: tuple = (), replace: bool = False) -> None:
+    scheme = scheme.lower()
+    with _LOCK:
+        if scheme in _REGISTRY and not replace:
+            raise ConfigError(f"scheme {scheme!r} is already registered (pass replace=True)")
+        _REGISTRY[scheme] = _Entry(target, extra, tuple(requires))
+        _LOADED.pop(scheme, None)
+
+
+def schemes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def adapter_class(scheme: str) -> type:
+    scheme = scheme.lower()
+    with _LOCK:
+        if scheme in _LOADED:
+            return _LOADED[scheme]
+        entry = _REGISTRY.get(scheme)
+    if entry is None:
+        raise ConfigError(f"unknown store scheme {scheme!r}; known schemes: {', '.join(schemes())}")
+    for module in entry.requires:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            hint = f"pip install 'cylon-store[{entry.extra}]'" if entry.extra else f"pip install {module}"
+            raise ConfigError(f"the {scheme}:// backend needs the Python package {module!r}, which is "
+                              f"not installed: {hint}") from exc
+    if isinstance(entry.target, str):
+        module_name, _, attr = entry.target.partition(":")
+        cls = getattr(importlib.import_module(module_name), attr)
+    else:
+        cls = entry.target
+    with _LOCK:
+        _LOADED[scheme] = cls
+    return cls
+
+
+def option_classes_of_other_schemes(scheme: str) -> list[type]:
+    """Config classes of every *loadable* registered scheme but ``scheme`` (for env checks)."""
+    out = []
+    for other in schemes():
+        if other == scheme:
+            continue
+        try:
+            out.append(adapter_class(other).Config)
+        except Exception:  # missing extra: its options cannot be set anyway
+            continue
+    return out
+
+
+register("memory", "cylon_store.adapters.memory:MemoryAdapter")
+register("file", "cylon_store.adapters.file:FileAdapter")

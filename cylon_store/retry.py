@@ -1,0 +1,47 @@
+"""The one retry layer: bounded attempts, capped exponential backoff with full jitter, and only
+for operations the caller declares idempotent.  Only ``ThrottledError`` and ``TransientError``
+(``StoreError.retryable``) are retried; every retry is counted in the store's stats.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator, TypeVar
+
+import tenacity
+
+from .errors import StoreError
+
+T = TypeVar("T")
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, StoreError) and exc.retryable
+
+
+def call(fn: Callable[[], T], *, idempotent: bool, attempts: int, base: float, cap: float,
+         on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """Run ``fn``; retry it on a retryable error if ``idempotent``; re-raise the last error."""
+    if not idempotent or attempts <= 1:
+        return fn()
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry is not None:
+            on_retry(state.outcome.exception())
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_random_exponential(multiplier=base, max=cap),
+        retry=tenacity.retry_if_exception(_retryable),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+def poll_delays(first: float = 0.001, cap: float = 0.1, factor: float = 2.0) -> Iterator[float]:
+    """Delays for a polling waiter: capped exponential growth, each one jittered in [d/2, d]."""
+    d = first
+    while True:
+        yield random.uniform(d / 2, d)
+        d = min(cap, d * factor)

@@ -1,0 +1,277 @@
+"""The Store facade: Arrow data in, Arrow data out, over any blob adapter.
+
+Everything convenient lives here once — encoding, integrity checks, key validation, retries,
+request counting, exists/delete-one, streaming reads — so an adapter only moves bytes.  A Store
+pickles through its URL and options and re-creates its client lazily, so it can be shipped to a
+worker process or a Lambda.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Iterable, Optional, Union
+from urllib.parse import urlencode
+
+import pyarrow as pa
+
+from . import codec, retry
+from .adapters.base import BlobAdapter, ObjectMeta, PutMode, Stats
+from .config import StoreOptions, build_options, option_names, split_url
+from .errors import ConfigError, InvalidKeyError, NotFoundError, StoreError
+from .registry import adapter_class, option_classes_of_other_schemes
+
+#: Longest key any backend accepts (S3's limit, in UTF-8 bytes).
+MAX_KEY_BYTES = 1024
+
+ArrowData = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch]]
+
+
+def validate_key(key, *, backend: str = "", op: str = "") -> str:
+    """Keys are '/'-separated relative names: no empty, '.' or '..' segments, no NUL or control
+    characters, no leading or trailing '/', at most ``MAX_KEY_BYTES`` bytes of UTF-8."""
+    def bad(why):
+        return InvalidKeyError(f"invalid key: {why}", backend=backend or None, op=op or None,
+                               key=key if isinstance(key, str) else repr(key))
+    if not isinstance(key, str):
+        raise bad(f"keys are str, not {type(key).__name__}")
+    if not key:
+        raise bad("empty key")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise bad(f"longer than {MAX_KEY_BYTES} bytes")
+    if key.startswith("/"):
+        raise bad("absolute path (keys are relative to the store)")
+    if key.endswith("/"):
+        raise bad("trailing '/'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise bad("NUL or control character")
+    if "\\" in key:
+        raise bad("backslash (use '/' to separate key segments)")
+    for seg in key.split("/"):
+        if seg == "":
+            raise bad("empty segment ('//')")
+        if seg in (".", ".."):
+            raise bad(f"'{seg}' segment")
+    return key
+
+
+class Store:
+    """Arrow put/get over one backend.  Create with ``cylon_store.open_store(url, **options)``."""
+
+    def __init__(self, url: str, **options):
+        scheme, location, query = split_url(url)
+        cls: type[BlobAdapter] = adapter_class(scheme)
+        self._adapter_cls = cls
+        if scheme == "memory" and not location.split("://", 1)[1].strip("/"):
+            # An anonymous memory store gets a name so that unpickling it in this process (a
+            # thread launcher, a copy) finds the same objects.
+            location = f"memory://anon-{uuid.uuid4().hex[:12]}"
+        self.url = location
+        self.scheme = scheme
+        self._given = {"query": dict(query), "kwargs": dict(options)}
+        known = lambda: option_names(*option_classes_of_other_schemes(scheme))  # noqa: E731
+        self.options, self.adapter_config = build_options(
+            [StoreOptions, cls.Config], kwargs=options, query=query, known_env=known)
+        self._stats = Stats()
+        self._adapter: Optional[BlobAdapter] = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.adapter  # fail fast on a bad location (missing directory, bad name)
+
+    # -- plumbing -----------------------------------------------------------------------
+    @property
+    def adapter(self) -> BlobAdapter:
+        a = self._adapter
+        if a is None:
+            with self._lock:
+                if self._closed:
+                    raise StoreError("the store is closed", backend=self.scheme)
+                if self._adapter is None:
+                    self._adapter = self._adapter_cls(self.url, self.adapter_config, self._stats)
+                a = self._adapter
+        return a
+
+    @property
+    def capabilities(self):
+        return self.adapter.capabilities
+
+    def __getstate__(self):
+        return {"url": self.url, "given": self._given}
+
+    def __setstate__(self, state):
+        given = state["given"]
+        query = urlencode(given["query"])
+        url = state["url"] + (f"?{query}" if query else "")
+        self.__init__(url, **given["kwargs"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            a, self._adapter = self._adapter, None
+        if a is not None:
+            a.close()
+
+    def __repr__(self):
+        return f"Store({self.adapter.describe() if self._adapter else self.url!r})"
+
+    def _where(self, op: str, key: Optional[str]):
+        return lambda: {"backend": self.scheme, "op": op, "key": key}
+
+    def _retrying(self, fn, *, idempotent: bool):
+        o = self.options
+        return retry.call(fn, idempotent=idempotent, attempts=o.retries, base=o.retry_base,
+                          cap=o.retry_cap, on_retry=lambda exc: self._stats.count("retries"))
+
+    # -- Arrow API ----------------------------------------------------------------------
+    def put(self, key: str, data: ArrowData, *, mode: Union[str, PutMode] = "overwrite") -> dict:
+        """Store ``data`` under ``key``, atomically.  ``mode="create"`` fails with
+        ``AlreadyExistsError`` if the key exists.  Returns ``{"rows", "batches", "bytes"}``.
+
+        A Table or RecordBatch is retried on transient errors; a RecordBatchReader or iterator
+        is streamed once (memory bounded by one batch on streaming backends) and not retried.
+        """
+        validate_key(key, backend=self.scheme, op="put")
+        mode = _mode(mode)
+        info: dict = {}
+        o = self.options
+        replayable = isinstance(data, (pa.Table, pa.RecordBatch))
+
+        def attempt():
+            chunks = codec.encode(data, compression=o.compression, segment_size=o.segment_size,
+                                  stats=info)
+            if not self.adapter.capabilities.streaming_put:
+                chunks = list(chunks)
+            return self.adapter.put(key, chunks, mode)
+
+        if replayable:
+            codec._as_reader(data)  # type errors before any I/O
+        written = self._retrying(attempt, idempotent=replayable and mode is PutMode.OVERWRITE)
+        self._stats.count("put")
+        self._stats.sent(written)
+        return info
+
+    def get(self, key: str) -> pa.Table:
+        """The table stored under ``key``, verified against its checksums (zero-copy decode)."""
+        validate_key(key, backend=self.scheme, op="get")
+        buf = self._retrying(lambda: self.adapter.get(key), idempotent=True)
+        self._stats.count("get")
+        self._stats.received(len(memoryview(buf)))
+        return codec.decode(buf, self._where("get", key))
+
+    def get_batches(self, key: str) -> pa.RecordBatchReader:
+        """Stream the table under ``key`` batch by batch; memory stays bounded by one segment
+        (``segment_size``) plus one batch.  The object is pinned to the version first seen: if it
+        is replaced mid-read the reader raises instead of mixing versions."""
+        validate_key(key, backend=self.scheme, op="get")
+        meta = self.head(key)
+        where = self._where("get", key)
+        ranged = self.adapter.capabilities.byte_ranges
+        if not ranged:
+            return self.get(key).to_reader()
+
+        def read_range(start, end):
+            buf = self._retrying(
+                lambda: self.adapter.get(key, byte_range=(start, end), if_version=meta.version or None),
+                idempotent=True)
+            self._stats.count("get")
+            self._stats.received(end - start)
+            return buf
+
+        tail_len = min(meta.size, 64 << 10)
+        tail = read_range(meta.size - tail_len, meta.size)
+        footer_len = codec.parse_tail(memoryview(tail)[-codec.TAIL_SIZE:], meta.size, where)
+        if footer_len + codec.TAIL_SIZE > tail_len:
+            tail = read_range(meta.size - footer_len - codec.TAIL_SIZE, meta.size)
+        footer = codec.parse_footer(tail, meta.size, where)
+        source = codec.SegmentReader(footer, read_range, where)
+        stream = pa.ipc.open_stream(pa.PythonFile(source, mode="r"))
+        return stream
+
+    # -- conveniences built on the contract ---------------------------------------------
+    def head(self, key: str) -> ObjectMeta:
+        validate_key(key, backend=self.scheme, op="head")
+        meta = self._retrying(lambda: self.adapter.head(key), idempotent=True)
+        self._stats.count("head")
+        return meta
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+            return True
+        except NotFoundError:
+            return False
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+        self.delete_many([key])
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = [validate_key(k, backend=self.scheme, op="delete") for k in keys]
+        if not keys:
+            return
+        self._retrying(lambda: self.adapter.delete_many(keys), idempotent=True)
+        self._stats.count("delete", len(keys))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys starting with ``prefix`` (a plain string prefix), sorted."""
+        if not isinstance(prefix, str):
+            raise ConfigError(f"prefix must be a str, not {type(prefix).__name__}")
+        metas = self._retrying(lambda: self.adapter.list(prefix), idempotent=True)
+        self._stats.count("list")
+        return sorted(m.key for m in metas)
+
+    def list_meta(self, prefix: str = "") -> list[ObjectMeta]:
+        metas = self._retrying(lambda: self.adapter.list(prefix), idempotent=True)
+        self._stats.count("list")
+        return sorted(metas, key=lambda m: m.key)
+
+    def put_bytes(self, key: str, data, *, mode: Union[str, PutMode] = "overwrite") -> int:
+        """Raw bytes (no Arrow framing); used for control records and by the communicator."""
+        validate_key(key, backend=self.scheme, op="put")
+        mode = _mode(mode)
+        chunks = data if isinstance(data, (list, tuple)) else [data]
+        written = self._retrying(lambda: self.adapter.put(key, chunks, mode),
+                                 idempotent=mode is PutMode.OVERWRITE)
+        self._stats.count("put")
+        self._stats.sent(written)
+        return written
+
+    def get_bytes(self, key: str, byte_range: Optional[tuple[int, int]] = None):
+        validate_key(key, backend=self.scheme, op="get")
+        buf = self._retrying(lambda: self.adapter.get(key, byte_range=byte_range), idempotent=True)
+        self._stats.count("get")
+        self._stats.received(len(memoryview(buf)))
+        return buf
+
+    def stats(self) -> dict:
+        """Requests by kind, bytes out/in and retries since the store was opened."""
+        return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+
+def _mode(mode) -> PutMode:
+    if isinstance(mode, PutMode):
+        return mode
+    try:
+        return PutMode(mode)
+    except ValueError:
+        raise ConfigError(f"put mode must be 'overwrite' or 'create', got {mode!r}") from None
+
+
+def open_store(url: Union[str, Store], **options) -> Store:
+    """Open the store at ``url`` (``memory://``, ``file:///path``, ``s3://bucket/prefix``, ...).
+
+    Options come from ``options``, the URL query and ``CYLON_STORE_*`` environment variables."""
+    if isinstance(url, Store):
+        if options:
+            raise ConfigError("options cannot be applied to an already open Store")
+        return url
+    return Store(url, **options)

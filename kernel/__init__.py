@@ -1,0 +1,1 @@
+"""Distributed operators written once against the Communicator."""

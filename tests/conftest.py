@@ -1,0 +1,54 @@
+"""Shared fixtures: every backend in ``tests/servers`` is a parameter of ``backend``/``store_url``.
+
+``CYLON_STORE_TEST_BACKENDS=memory,file`` narrows the set for a quick local run; CI runs all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+import pytest
+
+from servers import Backend  # noqa: E402  (tests/ is on sys.path through rootdir conftest)
+
+import servers as _servers
+
+ALL_BACKENDS = sorted(m.name for m in pkgutil.iter_modules(_servers.__path__))
+_wanted = os.environ.get("CYLON_STORE_TEST_BACKENDS")
+BACKENDS = [b for b in ALL_BACKENDS if not _wanted or b in _wanted.split(",")]
+
+_started: dict[str, Backend] = {}
+
+
+def _backend(name, tmp_path_factory) -> Backend:
+    if name not in _started:
+        module = importlib.import_module(f"servers.{name}")
+        _started[name] = module.start(tmp_path_factory)
+    return _started[name]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request, tmp_path_factory) -> Backend:
+    return _backend(request.param, tmp_path_factory)
+
+
+@pytest.fixture
+def store_url(backend) -> str:
+    return backend.make_url()
+
+
+@pytest.fixture
+def store(store_url):
+    import cylon_store as cs
+    with cs.open_store(store_url) as s:
+        yield s
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for b in _started.values():
+        try:
+            b.stop()
+        except Exception:
+            pass
