@@ -1,0 +1,84 @@
+"""Key layouts of the communicator: one builder per layout and its inverse parser.
+
+Every key lives under ``_cylon/{job}/``.  Message keys also carry the run token (fixed at
+rendezvous, so an earlier run of the same job id is never read), the collective's sequence
+number, the destination (a rank, or ``all`` for an object every rank reads) and the source.
+The destination comes before the source so that one LIST of ``inbox_prefix`` finds exactly what
+a rank is waiting for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+ROOT = "_cylon"
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_MSG_RE = re.compile(
+    r"^_cylon/(?P<job>[^/]+)/(?P<token>[0-9a-f]{16})/(?P<seq>\d{9})/(?P<dst>r\d{6}|all)/(?P<src>\d{6})$")
+
+
+def validate_job(job) -> str:
+    if not isinstance(job, str) or not _JOB_RE.match(job):
+        raise ConfigError(f"invalid job id {job!r}: 1-100 characters of letters, digits, '.', '_' "
+                          f"and '-', starting with a letter or digit")
+    return job
+
+
+def job_prefix(job: str) -> str:
+    return f"{ROOT}/{job}/"
+
+
+def hello_prefix(job: str) -> str:
+    return f"{ROOT}/{job}/hello/"
+
+
+def hello_key(job: str, rank: int) -> str:
+    return f"{hello_prefix(job)}{rank:06d}"
+
+
+def parse_hello_key(key: str) -> int:
+    return int(key.rsplit("/", 1)[1])
+
+
+def counter_key(job: str) -> str:
+    return f"{ROOT}/{job}/counter"
+
+
+def run_prefix(job: str, token: str) -> str:
+    return f"{ROOT}/{job}/{token}/"
+
+
+@dataclass(frozen=True)
+class MsgKey:
+    job: str
+    token: str
+    seq: int
+    dst: Optional[int]   # None: an object for every rank ("all")
+    src: int
+
+
+def msg_key(job: str, token: str, seq: int, dst: Optional[int], src: int) -> str:
+    d = "all" if dst is None else f"r{dst:06d}"
+    return f"{ROOT}/{job}/{token}/{seq:09d}/{d}/{src:06d}"
+
+
+def inbox_prefix(job: str, token: str, seq: int, dst: Optional[int]) -> str:
+    d = "all" if dst is None else f"r{dst:06d}"
+    return f"{ROOT}/{job}/{token}/{seq:09d}/{d}/"
+
+
+def parse_msg_key(key: str) -> MsgKey:
+    m = _MSG_RE.match(key)
+    if not m:
+        raise ValueError(f"not a message key: {key!r}")
+    dst = None if m["dst"] == "all" else int(m["dst"][1:])
+    return MsgKey(m["job"], m["token"], int(m["seq"]), dst, int(m["src"]))
+
+
+def channel(job: str, token: str, dst: int) -> str:
+    """Notification channel of one rank's inbox."""
+    return f"{ROOT}/{job}/{token}/inbox/{dst:06d}"
