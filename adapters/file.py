@@ -124,6 +124,9 @@ class FileAdapter(BlobAdapter):
             finally:
                 os.close(fd)
             self._publish(tmp, path, key, mode)
+        except StoreError:  # already ours (AlreadyExistsError is also an OSError)
+            _unlink_quiet(tmp)
+            raise
         except OSError as exc:
             _unlink_quiet(tmp)
             raise self._err(exc, "put", key) from exc
@@ -134,9 +137,11 @@ class FileAdapter(BlobAdapter):
 
     def _publish(self, tmp: str, path: str, key: str, mode: PutMode) -> None:
         parent = os.path.dirname(path)
-        for _ in range(10):  # a concurrent delete may remove an emptied parent in between
+        for _ in range(100):  # a concurrent delete may remove an emptied parent in between
             try:
                 os.makedirs(parent, exist_ok=True)
+            except FileNotFoundError:
+                continue  # an ancestor was removed by a concurrent delete while we created it
             except (FileExistsError, NotADirectoryError) as exc:
                 raise InvalidKeyError("a prefix of this key is itself a key (a filesystem cannot "
                                       "hold both 'a' and 'a/b')", backend=self.backend, op="put",
@@ -182,6 +187,8 @@ class FileAdapter(BlobAdapter):
                                              op="get", key=key)
                     got += r
                 return buf
+        except StoreError:
+            raise
         except OSError as exc:
             raise self._err(exc, "get", key) from exc
 

@@ -434,6 +434,7 @@ class StoreCommunicator(Communicator):
         got = self._receive("exchange", seq, [s for s in range(P) if s != me], me, delete=True)
         for f in send_futs:
             f.result()
+        self.stats["exchanges"] += 1
         return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
 
     def _assemble(self, what, seq, own_schema, own, got: dict, *, full_sync: bool):
@@ -457,7 +458,6 @@ class StoreCommunicator(Communicator):
             result.append(t)
             if s != me:
                 self.stats["rows_received"] += t.num_rows
-        self.stats["exchanges"] += 1
         return result
 
     def allgather(self, table):

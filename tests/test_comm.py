@@ -1,0 +1,391 @@
+"""The communicator suite: every collective on every backend, with threads and OS processes.
+
+Each rank builds what it sends from a seed, so receivers can check every row against what the
+sender must have sent: every row sent is received exactly once, by the right rank.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cylon_store as cs
+from cylon_store import keys as K
+
+from datagen import all_types_table, tables_equal
+
+# -- rank functions (module level: they travel to rank processes) ---------------------------
+
+
+def part_for(src: int, dst: int, rows: int, typed: bool = False) -> pa.Table:
+    """What rank src sends to rank dst: tagged rows, optionally with every Arrow type."""
+    idx = pa.array(np.arange(rows, dtype=np.int64))
+    base = pa.table({"src": pa.array(np.full(rows, src, np.int32)),
+                     "dst": pa.array(np.full(rows, dst, np.int32)), "idx": idx})
+    if not typed:
+        return base
+    extra = all_types_table(rows, seed=src * 1000 + dst)
+    for name in extra.column_names:
+        base = base.append_column(name, extra.column(name))
+    return base
+
+
+def rows_plan(world: int, skew: str, scale: int = 50):
+    """rows[src][dst] for a given skew pattern."""
+    if skew == "uniform":
+        return [[scale + 7 * s + d for d in range(world)] for s in range(world)]
+    if skew == "one_sender":      # rank 0 sends everything, the others send empty parts
+        return [[scale * 3 if s == 0 else 0 for d in range(world)] for s in range(world)]
+    if skew == "one_receiver":    # everything goes to the last rank
+        return [[scale * 2 if d == world - 1 else 0 for d in range(world)] for s in range(world)]
+    if skew == "empty":
+        return [[0] * world for _ in range(world)]
+    raise ValueError(skew)
+
+
+def rank_exchange(comm, plan, typed, rounds=1):
+    me, P = comm.rank, comm.world_size
+    for r in range(rounds):
+        parts = [part_for(me, d, plan[me][d], typed) for d in range(P)]
+        out = comm.exchange(parts)
+        assert len(out) == P
+        for s, t in enumerate(out):
+            expected = part_for(s, me, plan[s][me], typed)
+            assert t.schema.equals(expected.schema), (s, t.schema, expected.schema)
+            assert tables_equal(t, expected), f"rank {me} round {r}: wrong data from rank {s}"
+    return me
+
+
+def rank_collectives(comm):
+    me, P = comm.rank, comm.world_size
+    mine = pa.table({"rank": [me], "payload": [f"from-{me}"]})
+    ag = comm.allgather(mine)
+    assert [t["rank"][0].as_py() for t in ag] == list(range(P))
+    g = comm.gather(mine, root=P - 1)
+    if me == P - 1:
+        assert [t["rank"][0].as_py() for t in g] == list(range(P))
+    else:
+        assert g is None
+    b = comm.bcast(pa.table({"x": [42, 43]}) if me == 0 else None, root=0)
+    assert b["x"].to_pylist() == [42, 43]
+    assert comm.allreduce(me + 1) == P * (P + 1) // 2
+    assert comm.allreduce(me + 1, "prod") == int(np.prod(np.arange(1, P + 1)))
+    assert comm.allreduce(float(me), "max") == float(P - 1)
+    assert comm.allreduce(-me, "min") == -(P - 1)
+    arr = comm.allreduce(np.arange(4, dtype=np.float64) * me, "sum")
+    np.testing.assert_allclose(arr, np.arange(4) * sum(range(P)))
+    comm.barrier()
+    # None and empty parts, then an exchange where nobody has a schema at all.
+    out = comm.exchange([None] * P)
+    assert all(t.num_columns == 0 and t.num_rows == 0 for t in out)
+    schema_tbl = pa.table({"a": pa.array([], pa.int64())})
+    out = comm.exchange([None if (d == 0 and P > 1) else schema_tbl for d in range(P)])
+    assert all(t.schema.equals(schema_tbl.schema) for t in out)
+    return comm.stats["exchanges"]
+
+
+def rank_schema_mismatch(comm):
+    me = comm.rank
+    t = pa.table({"a": pa.array([1], pa.int64() if me != 1 else pa.string())}) if me != 1 else \
+        pa.table({"a": pa.array(["x"])})
+    try:
+        comm.exchange([t] * comm.world_size)
+    except cs.SchemaMismatchError as exc:
+        msg = str(exc)
+        assert "rank" in msg and "int64" in msg and "string" in msg
+        # the communicator is still usable after a mismatch
+        comm.barrier()
+        return "mismatch"
+    return "no error"
+
+
+def rank_list_after(comm, rounds):
+    for _ in range(rounds):
+        comm.exchange([pa.table({"v": [comm.rank]})] * comm.world_size)
+        comm.allgather(pa.table({"v": [comm.rank]}))
+        comm.bcast(pa.table({"v": [1]}) if comm.rank == 0 else None)
+    return comm.rank
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def launcher_for(backend) -> list[str]:
+    return ["threads", "local"] if backend.traits.get("processes") else ["threads"]
+
+
+def assert_empty(store):
+    """``store`` is the test's open Store (a memory:// store lives only while one is open)."""
+    assert store.list("") == [], f"keys left behind: {store.list('')[:10]}"
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("skew", ["uniform", "one_sender", "one_receiver", "empty"])
+def test_exchange_threads(store_url, world, skew, store):
+    plan = rows_plan(world, skew)
+    assert cs.launch(rank_exchange, world, store=store_url, launcher="threads",
+                     args=(plan, False), comm_timeout=30) == list(range(world))
+    assert_empty(store)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_exchange_processes(store_url, world, store):
+    # memory:// too: launch turns it into a shared-memory store for the rank processes.
+    plan = rows_plan(world, "uniform")
+    assert cs.launch(rank_exchange, world, store=store_url, args=(plan, True, 2),
+                     comm_timeout=60) == list(range(world))
+    assert_empty(store)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_exchange_all_types(store_url, world, store):
+    plan = rows_plan(world, "uniform", scale=20)
+    cs.launch(rank_exchange, world, store=store_url, launcher="threads", args=(plan, True, 3),
+              comm_timeout=30)
+    assert_empty(store)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_collectives(store_url, world, store):
+    res = cs.launch(rank_collectives, world, store=store_url, launcher="threads", comm_timeout=30)
+    assert res == [2] * world
+    assert_empty(store)
+
+
+def test_collectives_processes(store_url, store):
+    assert cs.launch(rank_collectives, 3, store=store_url, comm_timeout=60) == [2] * 3
+    assert_empty(store)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_memory_launch_processes(world):
+    """The embedded default: memory:// shared by rank processes, nothing left in /dev/shm."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    plan = rows_plan(world, "one_sender")
+    assert cs.launch(rank_exchange, world, store=f"memory://{name}", args=(plan, True)) == \
+        list(range(world))
+    assert cs.launch(rank_collectives, world, store=f"memory://{name}") == [2] * world
+    assert not os.path.exists(f"/dev/shm/cylon-store/{name}")
+
+
+def test_schema_mismatch_on_every_rank(store_url, store):
+    assert cs.launch(rank_schema_mismatch, 3, store=store_url, launcher="threads",
+                     comm_timeout=30) == ["mismatch"] * 3
+    assert_empty(store)
+
+
+def test_repeated_and_nothing_left(store_url, store):
+    cs.launch(rank_list_after, 3, store=store_url, launcher="threads", args=(5,), comm_timeout=30)
+    assert_empty(store)
+
+
+def test_two_concurrent_jobs_one_store(store_url, store):
+    plan_a, plan_b = rows_plan(3, "uniform"), rows_plan(2, "one_sender")
+    results = {}
+
+    def run(name, world, plan):
+        results[name] = cs.launch(rank_exchange, world, store=store_url, launcher="threads",
+                                  args=(plan, False, 3), job=name, comm_timeout=30)
+
+    ts = [threading.Thread(target=run, args=("job-a", 3, plan_a)),
+          threading.Thread(target=run, args=("job-b", 2, plan_b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert results == {"job-a": [0, 1, 2], "job-b": [0, 1]}
+    assert_empty(store)
+
+
+def test_job_reused_after_clean_close(store_url, store):
+    for _ in range(3):
+        cs.launch(rank_collectives, 2, store=store_url, launcher="threads", job="same-job",
+                  comm_timeout=30)
+    assert_empty(store)
+
+
+def test_rank_never_arrives(store_url, store):
+    """World of 3, only ranks 0 and 1 show up: both fail at the timeout naming rank 2."""
+    errors = {}
+
+    def run(rank):
+        try:
+            cs.connect(store_url, job="lonely", rank=rank, world_size=3, timeout=1.5)
+        except cs.ExchangeTimeoutError as exc:
+            errors[rank] = exc
+
+    ts = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert time.monotonic() - t0 < 15
+    assert sorted(errors) == [0, 1]
+    for exc in errors.values():
+        assert exc.missing == [2] and "[2]" in str(exc)
+    assert_empty(store)
+
+
+def rank_stops_early(comm):
+    if comm.rank == 2:
+        comm.abort()          # leaves without taking part in the exchange
+        return None
+    comm.exchange([pa.table({"v": [1]})] * comm.world_size)
+
+
+def test_exchange_timeout_names_missing_rank(store_url):
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(rank_stops_early, 3, store=store_url, launcher="threads", comm_timeout=1.5)
+    cause = info.value.__cause__
+    assert isinstance(cause, cs.ExchangeTimeoutError)
+    assert cause.missing == [2]
+    assert "[2]" in str(cause)
+
+
+def rank_raises(comm):
+    if comm.rank == 1:
+        raise KeyError("rank one is broken")
+    comm.exchange([None] * comm.world_size)
+
+
+@pytest.mark.parametrize("launcher", ["threads", "local"])
+def test_rank_that_raises(launcher):
+    t0 = time.monotonic()
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(rank_raises, 3, launcher=launcher, comm_timeout=60)
+    assert time.monotonic() - t0 < 20, "a failing rank must end the launch promptly"
+    assert info.value.rank == 1
+    assert "rank one is broken" in str(info.value)
+    assert "Traceback" in (info.value.remote_traceback or "")
+
+
+def rank_dies(comm):
+    if comm.rank == 0:
+        os.kill(os.getpid(), 9)
+    comm.barrier()
+
+
+def test_rank_that_dies():
+    t0 = time.monotonic()
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(rank_dies, 3, comm_timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert info.value.rank == 0 and "SIGKILL" in str(info.value)
+
+
+def test_stale_message_from_earlier_run_is_not_read(store_url, store):
+    """A message left by a crashed run of the same job (other run token) is ignored."""
+    stale = K.msg_key("stale-job", "0" * 16, 1, 0, 1)
+    store.put(stale, pa.table({"v": [666]}))
+    res = cs.launch(lambda comm: comm.exchange([pa.table({"v": [comm.rank]})] * 2)[1]["v"][0].as_py(),
+                    2, store=store_url, launcher="threads", job="stale-job", comm_timeout=30)
+    assert res == [1, 1]
+    assert store.list("") == [stale]
+    store.delete(stale)
+
+
+def test_leftover_hello_gives_clear_error(store_url, store):
+    store.put_bytes(K.hello_key("crashed", 0), b"x")
+    with pytest.raises(cs.RendezvousError, match="cylon-store clean"):
+        cs.connect(store_url, job="crashed", rank=0, world_size=2, timeout=2)
+    store.delete(K.hello_key("crashed", 0))
+
+
+def test_store_rendezvous_processes(backend, store_url, tmp_path, store):
+    """Ranks started independently, knowing only the world size, claim ranks by create-if-absent."""
+    if backend.name == "memory":   # processes share a memory store through /dev/shm
+        store_url = f"{store_url}?shared=true"
+        store = cs.open_store(store_url)
+    world = 4
+    code = ("import cylon_store as cs, pyarrow as pa, sys\n"
+            f"c = cs.connect({store_url!r}, job='rdv', world_size={world}, rendezvous='store', timeout=60)\n"
+            "out = c.allgather(pa.table({'r': [c.rank]}))\n"
+            "print(c.rank, [t['r'][0].as_py() for t in out])\n"
+            "c.close()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CYLON_STORE_RANK", "CYLON_STORE_WORLD", "OMPI_", "PMI"))}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+             for _ in range(world)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    ranks = sorted(int(o.split()[0]) for o in outs)
+    assert ranks == list(range(world))
+    assert all(f"{list(range(world))}" in o for o in outs)
+    assert_empty(store)
+
+
+def test_bad_arguments(store_url, store):
+    with pytest.raises(cs.ConfigError, match="job"):
+        cs.connect(store_url, job="bad job!", world_size=1, rank=0)
+    with pytest.raises(cs.ConfigError, match="rank"):
+        cs.connect(store_url, job="j", world_size=2, rank=5)
+    with cs.connect(store_url, job="args", world_size=1, rank=0) as c:
+        with pytest.raises(cs.ConfigError, match="2 parts"):
+            c.exchange([None, None])
+        with pytest.raises(cs.ConfigError, match="root"):
+            c.bcast(pa.table({"a": [1]}), root=3)
+        with pytest.raises(cs.ConfigError, match="op"):
+            c.allreduce(1, op="avg")
+        with pytest.raises(cs.ConfigError):
+            c.allreduce("text")
+        # errors in arguments do not poison the communicator
+        assert c.allreduce(5) == 5
+    with pytest.raises(cs.ConfigError, match="launcher"):
+        cs.launch(rank_collectives, 2, launcher="carrier-pigeon")
+    with pytest.raises(cs.NotSupportedError, match="lambda"):
+        cs.launch(rank_collectives, 2, launcher="lambda")
+    assert_empty(store)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_every_row_exactly_once(data):
+    world = data.draw(st.integers(1, 5))
+    plan = data.draw(st.lists(st.lists(st.integers(0, 40), min_size=world, max_size=world),
+                              min_size=world, max_size=world))
+    url = f"memory://prop-{uuid.uuid4().hex[:8]}"
+
+    def fn(comm):
+        me = comm.rank
+        out = comm.exchange([part_for(me, d, plan[me][d]) for d in range(world)])
+        got = pa.concat_tables(out)
+        return got.select(["src", "dst", "idx"]).to_pylist()
+
+    res = cs.launch(fn, world, store=url, launcher="threads", comm_timeout=30)
+    received = [(r["src"], r["dst"], r["idx"]) for rows in res for r in rows]
+    sent = [(s, d, i) for s in range(world) for d in range(world) for i in range(plan[s][d])]
+    assert sorted(received) == sorted(sent)                   # exactly once
+    for dst, rows in enumerate(res):
+        assert all(r["dst"] == dst for r in rows)              # by the right rank
+
+
+def rank_large(comm, mib_per_rank):
+    P = comm.world_size
+    rows = (mib_per_rank << 20) // 16 // P
+    rng = np.random.default_rng(comm.rank)
+    parts = [pa.table({"k": rng.integers(0, 1 << 60, rows), "v": np.full(rows, comm.rank, np.int64)})
+             for _ in range(P)]
+    out = comm.exchange(parts)
+    return sum(t.num_rows for t in out), sum(t.nbytes for t in out)
+
+
+@pytest.mark.slow
+def test_large_exchange_file_processes(tmp_path):
+    """~400 MiB in total through the file backend by 4 processes."""
+    url = f"file://{tmp_path}/big?fsync=false"
+    res = cs.launch(rank_large, 4, store=url, args=(100,), comm_timeout=300)
+    rows = (100 << 20) // 16 // 4
+    assert [r[0] for r in res] == [rows * 4] * 4
+    with cs.open_store(url) as s:
+        assert_empty(s)
