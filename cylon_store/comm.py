@@ -24,6 +24,11 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 
+import struct
+
+import xxhash
+
+from . import codec
 from . import keys as K
 from .errors import (AlreadyExistsError, ConfigError, ExchangeError, ExchangeTimeoutError,
                      NotFoundError, RendezvousError, SchemaMismatchError, StoreError)
@@ -141,6 +146,84 @@ def _strip_marker(table: pa.Table) -> tuple[Optional[pa.Table], bool]:
 
 def _noschema_table() -> pa.Table:
     return pa.table({}).replace_schema_metadata({_NOSCHEMA: b"1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Write-combined exchange: layout, request model, strategy choice
+# ---------------------------------------------------------------------------------------------
+
+_COMBINED_MAGIC = b"CYLXCMB1"
+STRATEGIES = ("auto", "direct", "combined")
+#: Backends that bill per request: there, fewer PUTs beat fewer round trips.
+REQUEST_PRICED = frozenset({"s3", "dynamodb"})
+
+
+def combined_header_size(world_size: int) -> int:
+    return 8 + 8 + 16 * world_size + 8
+
+
+def combined_header(sizes: list[int]) -> bytes:
+    """[magic][u64 P][P x (u64 offset, u64 length)][u64 xxh3 of what precedes]."""
+    P = len(sizes)
+    offset = combined_header_size(P)
+    entries = []
+    for n in sizes:
+        entries.append((offset, n))
+        offset += n
+    body = _COMBINED_MAGIC + struct.pack(f"<Q{2 * P}Q", P, *[x for e in entries for x in e])
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def parse_combined_header(buf, world_size: int, rank: int, where) -> tuple[int, int]:
+    from .errors import IntegrityError
+    raw = bytes(memoryview(buf))
+    if len(raw) != combined_header_size(world_size) or raw[:8] != _COMBINED_MAGIC:
+        raise IntegrityError("not a combined exchange object (bad header)", **where())
+    (digest,) = struct.unpack("<Q", raw[-8:])
+    if xxhash.xxh3_64_intdigest(raw[:-8]) != digest:
+        raise IntegrityError("combined exchange header checksum mismatch", **where())
+    (P,) = struct.unpack("<Q", raw[8:16])
+    if P != world_size:
+        raise IntegrityError(f"combined object is for {P} ranks, this world has {world_size}", **where())
+    return struct.unpack("<QQ", raw[16 + 16 * rank:32 + 16 * rank])
+
+
+def request_model(world_size: int, strategy: str) -> dict:
+    """Logical store requests of one exchange among ``world_size`` ranks, polling LISTs aside.
+
+    direct:   every sender PUTs P-1 objects, every receiver GETs and deletes P-1.
+    combined: every sender PUTs one object; every receiver GETs an index range and its slice
+              from each of the P-1 others; each sender deletes its object later (1 delete).
+    """
+    P = world_size
+    if P <= 1:
+        return {"put": 0, "get": 0, "delete": 0}
+    if strategy == "direct":
+        return {"put": P * (P - 1), "get": P * (P - 1), "delete": P * (P - 1)}
+    if strategy == "combined":
+        return {"put": P, "get": 2 * P * (P - 1), "delete": P}
+    raise ConfigError(f"unknown exchange strategy {strategy!r}")
+
+
+def request_cost_usd(requests: dict, put_per_1000: float = 0.005, get_per_1000: float = 0.0004) -> float:
+    """Dollars at S3 list prices (DELETE is free; LIST is billed like PUT)."""
+    return (requests.get("put", 0) + requests.get("list", 0)) * put_per_1000 / 1000 + \
+        requests.get("get", 0) * get_per_1000 / 1000
+
+
+def choose_strategy(exchange: str, store: Store, world_size: int) -> str:
+    if exchange not in STRATEGIES:
+        raise ConfigError(f"exchange must be one of {list(STRATEGIES)}, got {exchange!r}")
+    if exchange != "auto":
+        if exchange == "combined" and not store.capabilities.byte_ranges:
+            raise ConfigError(f"exchange='combined' needs byte-range reads, which the "
+                              f"{store.scheme}:// backend does not declare")
+        return exchange
+    if store.scheme in REQUEST_PRICED and store.capabilities.byte_ranges and world_size >= 3:
+        # P PUTs + 2P(P-1) GETs instead of P(P-1) of each: at S3 prices (a PUT costs 12.5 GETs)
+        # that is cheaper from P = 3 on.
+        return "combined"
+    return "direct"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +387,8 @@ class StoreCommunicator(Communicator):
     """Collectives through a blob store; see the module docstring for the guarantees."""
 
     def __init__(self, store: Store, *, job: str, rank: int, world_size: int, token: str,
-                 members: list[dict], timeout: float, own_store: bool, used_counter: bool):
+                 members: list[dict], timeout: float, own_store: bool, used_counter: bool,
+                 exchange: str = "auto"):
         self.store = store
         self.job = job
         self.rank = rank
@@ -314,6 +398,7 @@ class StoreCommunicator(Communicator):
         self.timeout = timeout
         self._own_store = own_store
         self._used_counter = used_counter
+        self.strategy = choose_strategy(exchange, store, world_size)
         self._seq = 0
         self._failed: Optional[BaseException] = None
         self._closed = False
@@ -361,7 +446,7 @@ class StoreCommunicator(Communicator):
                     self.store.adapter.notify(K.channel(self.job, self.token, d))
 
     def _receive(self, what: str, seq: int, srcs: list[int], dst: Optional[int], *,
-                 delete: bool) -> dict[int, pa.Table]:
+                 delete: bool, read: Optional[Callable[[str], pa.Table]] = None) -> dict[int, pa.Table]:
         """Wait for the messages of ``srcs`` to ``dst`` (a rank, or None for shared objects),
         read each as soon as it is visible, delete them if ``delete``."""
         pending = set(srcs)
@@ -382,7 +467,8 @@ class StoreCommunicator(Communicator):
                 if mk.src in pending:
                     present[mk.src] = key
             if present:
-                futures = {src: self._pool.submit(self.store.get, key) for src, key in present.items()}
+                futures = {src: self._pool.submit(read or self.store.get, key)
+                           for src, key in present.items()}
                 for src, fut in futures.items():
                     out[src] = fut.result()
                     pending.discard(src)
@@ -420,6 +506,8 @@ class StoreCommunicator(Communicator):
         return self._run("exchange", seq, lambda: self._exchange(seq, schema, parts))
 
     def _exchange(self, seq, schema, parts):
+        if self.strategy == "combined" and self.world_size > 1:
+            return self._exchange_combined(seq, schema, parts)
         me, P = self.rank, self.world_size
         send_futs = []
         for d in range(P):
@@ -436,6 +524,46 @@ class StoreCommunicator(Communicator):
             f.result()
         self.stats["exchanges"] += 1
         return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
+
+    def _exchange_combined(self, seq, schema, parts):
+        """Write-combining: one object per sender holding every outgoing part behind an index;
+        each receiver reads the index range, then its own slice (two ranged GETs per pair)."""
+        me, P = self.rank, self.world_size
+        o = self.store.options
+        encoded: list[list] = []
+        sizes = []
+        for d in range(P):
+            part = parts[d]
+            if d == me:
+                encoded.append([])
+                sizes.append(0)
+                continue
+            if part is None:
+                part = empty_like(schema) if schema is not None else _noschema_table()
+            self.stats["rows_sent"] += part.num_rows
+            chunks = list(codec.encode(part, compression=o.compression, segment_size=o.segment_size))
+            encoded.append(chunks)
+            sizes.append(sum(memoryview(c).nbytes for c in chunks))
+        header = combined_header(sizes)
+        key = K.msg_key(self.job, self.token, seq, None, me)
+        self.store.put_bytes(key, [header, *[c for chunks in encoded for c in chunks]])
+        self._shared.append((seq, key))
+        if self._notify:
+            for d in range(P):
+                if d != me:
+                    self.store.adapter.notify(K.channel(self.job, self.token, d))
+        del encoded
+        got = self._receive("exchange", seq, [s for s in range(P) if s != me], None, delete=False,
+                            read=self._read_combined)
+        self.stats["exchanges"] += 1
+        return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
+
+    def _read_combined(self, key: str) -> pa.Table:
+        P, me = self.world_size, self.rank
+        hlen = combined_header_size(P)
+        where = lambda: {"backend": self.store.scheme, "op": "exchange", "key": key}  # noqa: E731
+        offset, length = parse_combined_header(self.store.get_bytes(key, (0, hlen)), P, me, where)
+        return codec.decode(self.store.get_bytes(key, (offset, offset + length)), where)
 
     def _assemble(self, what, seq, own_schema, own, got: dict, *, full_sync: bool):
         me, P = self.rank, self.world_size
@@ -635,13 +763,15 @@ def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, ren
 
 def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank: Optional[int] = None,
             world_size: Optional[int] = None, rendezvous=None, timeout: float = DEFAULT_TIMEOUT,
-            info: Optional[dict] = None, **options) -> Communicator:
+            info: Optional[dict] = None, exchange: str = "auto", **options) -> Communicator:
     """Join ``job`` as one rank of ``world_size`` and return its Communicator.
 
     Rank and world size come from the arguments, else from the environment (``cs.launch``,
     ``mpirun``: OMPI_/PMI_ variables), else from a rendezvous through the store (create-if-absent
     slots, or an atomic counter where the backend has one).  ``mpi://`` and ``ucx://`` return a
-    direct-transport communicator.
+    direct-transport communicator.  ``exchange`` picks the store exchange: ``"direct"`` (one
+    object per sender and destination), ``"combined"`` (write-combining: one object per sender,
+    ranged reads) or ``"auto"`` (combined where requests are billed; see ``request_model``).
     """
     job = job if job is not None else os.environ.get("CYLON_STORE_JOB")
     if job is None:
@@ -683,4 +813,4 @@ def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank:
         raise
     return StoreCommunicator(store, job=job, rank=int(rank), world_size=int(world_size), token=token,
                              members=members, timeout=timeout, own_store=own,
-                             used_counter=used_counter)
+                             used_counter=used_counter, exchange=exchange)

@@ -1,0 +1,106 @@
+"""Write-combined and direct exchange: results, and store requests equal to the request model."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+import cylon_store as cs
+from cylon_store.comm import choose_strategy, request_cost_usd, request_model
+
+from test_comm import part_for, rows_plan
+from datagen import tables_equal
+
+
+def run_ranks(store, world, strategy, fn):
+    """Ranks as threads sharing one Store, so its stats add up every rank's requests."""
+    results, errors = [None] * world, []
+    sync = threading.Barrier(world)
+
+    def run(rank):
+        try:
+            with cs.connect(store, job=f"model-{strategy}", rank=rank, world_size=world,
+                            exchange=strategy, timeout=60) as comm:
+                results[rank] = fn(comm, sync)
+        except BaseException as exc:
+            errors.append(exc)
+            sync.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("strategy", ["direct", "combined"])
+@pytest.mark.parametrize("world", [2, 3, 8, 16])
+def test_requests_equal_model(store_url, strategy, world):
+    store = cs.open_store(store_url)
+    plan = rows_plan(world, "uniform", scale=5)
+    windows = []
+
+    def fn(comm, sync):
+        comm.barrier()
+        sync.wait()
+        if comm.rank == 0:
+            windows.append(dict(store.stats()["requests"]))
+        sync.wait()
+        out = comm.exchange([part_for(comm.rank, d, plan[comm.rank][d]) for d in range(world)])
+        sync.wait()
+        if comm.rank == 0:
+            windows.append(dict(store.stats()["requests"]))
+        sync.wait()   # nobody starts close()'s barrier before the snapshot
+        for s, t in enumerate(out):
+            assert tables_equal(t, part_for(s, comm.rank, plan[s][comm.rank]))
+        return comm.strategy
+
+    assert run_ranks(store, world, strategy, fn) == [strategy] * world
+    before, after = windows
+    counted = {k: after.get(k, 0) - before.get(k, 0) for k in ("put", "get")}
+    model = request_model(world, strategy)
+    assert counted == {"put": model["put"], "get": model["get"]}
+    if strategy == "direct":
+        assert after.get("delete", 0) - before.get("delete", 0) == model["delete"]
+    assert store.list("") == []   # deferred deletes of combined objects done by close
+    store.close()
+
+
+def test_combined_wins_on_request_price():
+    for world in (3, 8, 64):
+        assert request_cost_usd(request_model(world, "combined")) < \
+            request_cost_usd(request_model(world, "direct"))
+    assert request_model(1, "combined") == {"put": 0, "get": 0, "delete": 0}
+
+
+def test_strategy_choice():
+    with cs.open_store("memory://") as store:
+        assert choose_strategy("auto", store, 8) == "direct"       # requests are free in memory
+        assert choose_strategy("combined", store, 8) == "combined"
+        with pytest.raises(cs.ConfigError, match="exchange"):
+            choose_strategy("bogus", store, 8)
+
+
+@pytest.mark.parametrize("world", [3, 8])
+def test_combined_with_empty_and_skewed_parts(store_url, world):
+    store = cs.open_store(store_url)
+    for skew in ("one_sender", "one_receiver", "empty"):
+        plan = rows_plan(world, skew, scale=7)
+
+        def fn(comm, sync):
+            out = comm.exchange([part_for(comm.rank, d, plan[comm.rank][d], typed=True)
+                                 for d in range(world)])
+            for s, t in enumerate(out):
+                assert tables_equal(t, part_for(s, comm.rank, plan[s][comm.rank], typed=True))
+            out = comm.exchange([None] * world)
+            assert all(t.num_rows == 0 for t in out)
+            return True
+
+        assert run_ranks(store, world, "combined", fn) == [True] * world
+    assert store.list("") == []
+    store.close()
