@@ -105,13 +105,16 @@ def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout):
 
 
 def _first_cause(errors: dict) -> int:
-    """The rank whose error caused the others: prefer one that is not a timeout or a
-    consequence of an earlier failure."""
+    """The rank whose error caused the others: a rank's own error first, then a timeout (it
+    names who never delivered), last a wait cancelled because a sibling had failed."""
     from .errors import ExchangeError, ExchangeTimeoutError
-    for rank in sorted(errors):
-        if not isinstance(errors[rank], (ExchangeTimeoutError, ExchangeError)):
-            return rank
-    return min(errors)
+
+    def priority(rank):
+        exc = errors[rank]
+        if isinstance(exc, ExchangeTimeoutError):
+            return 1
+        return 2 if isinstance(exc, ExchangeError) else 0
+    return min(errors, key=lambda r: (priority(r), r))
 
 
 # -- processes: local and mpirun -------------------------------------------------------------
