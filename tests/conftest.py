@@ -15,7 +15,7 @@ from servers import Backend  # noqa: E402  (tests/ is on sys.path through rootdi
 
 import servers as _servers
 
-ALL_BACKENDS = sorted(m.name for m in pkgutil.iter_modules(_servers.__path__))
+ALL_BACKENDS = sorted(m.name for m in pkgutil.iter_modules(_servers.__path__) if not m.name.startswith("_"))
 _wanted = os.environ.get("CYLON_STORE_TEST_BACKENDS")
 BACKENDS = [b for b in ALL_BACKENDS if not _wanted or b in _wanted.split(",")]
 
