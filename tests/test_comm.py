@@ -389,3 +389,38 @@ def test_large_exchange_file_processes(tmp_path):
     assert [r[0] for r in res] == [rows * 4] * 4
     with cs.open_store(url) as s:
         assert_empty(s)
+
+
+# -- mpirun ------------------------------------------------------------------------------------
+
+def test_mpi_launcher(store_url, store):
+    """launcher='mpi': the same worker entry under mpirun, ranks from mpirun's environment."""
+    res = cs.launch(rank_collectives, 3, store=store_url, launcher="mpi", timeout=300, comm_timeout=120)
+    assert res == [2] * 3
+    assert_empty(store)
+
+
+def test_mpi_launcher_rank_raises():
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(rank_raises, 3, launcher="mpi", timeout=300, comm_timeout=120)
+    assert info.value.rank == 1 and "rank one is broken" in str(info.value)
+
+
+def test_plain_mpirun_script(tmp_path):
+    """`mpirun -n 4 python my_script.py`: connect() reads rank and size from OMPI_ variables."""
+    from cylon_store.launch import find_mpirun, mpi_env
+    script = tmp_path / "my_script.py"
+    script.write_text(
+        "import cylon_store as cs, pyarrow as pa\n"
+        f"comm = cs.connect('file://{tmp_path}/store?fsync=false', job='plain-mpirun')\n"
+        "out = comm.exchange([pa.table({'src': [comm.rank]})] * comm.world_size)\n"
+        "print('rank', comm.rank, 'of', comm.world_size, 'got', sorted(t['src'][0].as_py() for t in out))\n"
+        "comm.close()\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CYLON_STORE_")}, **mpi_env()}
+    proc = subprocess.run([find_mpirun(), "-n", "4", sys.executable, str(script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert lines == [f"rank {r} of 4 got [0, 1, 2, 3]" for r in range(4)]
+    with cs.open_store(f"file://{tmp_path}/store") as s:
+        assert s.list("") == []
