@@ -207,10 +207,8 @@ class FileAdapter(BlobAdapter):
             path = self._path(key)
             try:
                 os.unlink(path)
-            except FileNotFoundError:
-                continue
-            except IsADirectoryError:
-                continue
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue  # missing: a parent is a key ("a" for "a/b") or it is only a prefix
             except OSError as exc:
                 raise self._err(exc, "delete", key) from exc
             parents.add(os.path.dirname(path))
@@ -225,6 +223,12 @@ class FileAdapter(BlobAdapter):
 
     def list(self, prefix: str) -> list[ObjectMeta]:
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        # The prefix's complete segments name the directory to walk.  If no valid key can have
+        # them ('', '.', '..', NUL, the temp area), nothing matches, and the walk must not
+        # leave the root ('../', '/etc/').
+        if base and (base == TMP_DIR or base.startswith(TMP_DIR + "/") or
+                     any(seg in ("", ".", "..") or "\0" in seg for seg in base.split("/"))):
+            return []
         start = os.path.join(self.root, base) if base else self.root
         out: list[ObjectMeta] = []
         stack = [(start, base)]

@@ -276,6 +276,8 @@ class SegmentReader:
             return False
         start = i * f.segment_size
         end = min(start + f.segment_size, f.ipc_len)
+        # An exhausted view still pins its segment: drop it first, so that one segment is held.
+        self._current = memoryview(b"")
         data = self._read_range(start, end)
         view = memoryview(data).cast("B")
         if view.nbytes != end - start:
@@ -285,18 +287,22 @@ class SegmentReader:
         self._next_segment += 1
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        out = []
-        want = n if n is not None and n >= 0 else 1 << 62
-        while want > 0:
+    def read(self, n: int = -1) -> bytearray:
+        remaining = self.footer.ipc_len - self._pos
+        want = remaining if n is None or n < 0 else min(n, remaining)
+        # Copy into one result as we go: holding slices until a final join would keep the
+        # previous segment alive while the next one loads (two segments instead of one).
+        out = bytearray(want)
+        got = 0
+        while got < want:
             if not self._current.nbytes and not self._load():
                 break
-            piece = self._current[:want]
-            out.append(piece)
-            self._current = self._current[piece.nbytes:]
-            want -= piece.nbytes
-            self._pos += piece.nbytes
-        return b"".join(out)
+            k = min(want - got, self._current.nbytes)
+            out[got:got + k] = self._current[:k]
+            self._current = self._current[k:]
+            got += k
+        self._pos += got
+        return out if got == want else out[:got]
 
     def readable(self):
         return True

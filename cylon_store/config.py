@@ -23,6 +23,9 @@ RESERVED_ENV = frozenset({
     "RANK", "WORLD_SIZE", "JOB", "URL", "TIMEOUT", "RESULT_DIR", "PAYLOAD", "LAUNCH_ID",
     "RENDEZVOUS", "TEST_FAST", "BENCH_QUICK",
 })
+#: Whole namespaces of such variables: the test suite and the benchmarks set their own knobs
+#: (``CYLON_STORE_TEST_BACKENDS``) in the environment every store of the process reads.
+RESERVED_ENV_PREFIXES = ("TEST_", "BENCH_")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
@@ -152,7 +155,7 @@ def build_options(classes: typing.Sequence[type], *, kwargs: dict, query: dict,
         if not var.startswith(ENV_PREFIX):
             continue
         name = var[len(ENV_PREFIX):].lower()
-        if name.upper() in RESERVED_ENV:
+        if name.upper() in RESERVED_ENV or name.upper().startswith(RESERVED_ENV_PREFIXES):
             continue
         if name in fields:
             env_values[name] = value

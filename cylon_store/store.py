@@ -18,7 +18,7 @@ import pyarrow as pa
 from . import codec, retry
 from .adapters.base import BlobAdapter, ObjectMeta, PutMode, Stats
 from .config import StoreOptions, build_options, option_names, split_url
-from .errors import ConfigError, InvalidKeyError, NotFoundError, StoreError
+from .errors import ConfigError, InvalidKeyError, NotFoundError, NotSupportedError, StoreError
 from .registry import adapter_class, option_classes_of_other_schemes
 
 #: Longest key any backend accepts (S3's limit, in UTF-8 bytes).
@@ -37,7 +37,11 @@ def validate_key(key, *, backend: str = "", op: str = "") -> str:
         raise bad(f"keys are str, not {type(key).__name__}")
     if not key:
         raise bad("empty key")
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no backend can store the name
+        raise bad("not valid Unicode (lone surrogate)") from None
+    if len(encoded) > MAX_KEY_BYTES:
         raise bad(f"longer than {MAX_KEY_BYTES} bytes")
     if key.startswith("/"):
         raise bad("absolute path (keys are relative to the store)")
@@ -53,6 +57,21 @@ def validate_key(key, *, backend: str = "", op: str = "") -> str:
         if seg in (".", ".."):
             raise bad(f"'{seg}' segment")
     return key
+
+
+def _could_start_a_key(prefix: str) -> bool:
+    """Whether some valid key (see ``validate_key``) starts with ``prefix``."""
+    if not prefix:
+        return True
+    try:
+        if len(prefix.encode("utf-8")) > MAX_KEY_BYTES:
+            return False
+    except UnicodeEncodeError:
+        return False
+    if prefix.startswith("/") or "\\" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+        return False
+    # Every segment but the last is complete, so it must be a valid segment.
+    return not any(seg in ("", ".", "..") for seg in prefix.split("/")[:-1])
 
 
 class Store:
@@ -123,6 +142,14 @@ class Store:
     def _where(self, op: str, key: Optional[str]):
         return lambda: {"backend": self.scheme, "op": op, "key": key}
 
+    def _check_mode(self, mode: PutMode, key: str) -> PutMode:
+        # Without an atomic create-if-absent, a "create" would silently be a racy overwrite.
+        if mode is PutMode.CREATE and not self.adapter.capabilities.conditional_create:
+            raise NotSupportedError("this backend has no atomic create-if-absent; use "
+                                    "mode='overwrite', or a backend that declares "
+                                    "conditional_create", backend=self.scheme, op="put", key=key)
+        return mode
+
     def _retrying(self, fn, *, idempotent: bool):
         o = self.options
         return retry.call(fn, idempotent=idempotent, attempts=o.retries, base=o.retry_base,
@@ -137,7 +164,7 @@ class Store:
         is streamed once (memory bounded by one batch on streaming backends) and not retried.
         """
         validate_key(key, backend=self.scheme, op="put")
-        mode = _mode(mode)
+        mode = self._check_mode(_mode(mode), key)
         info: dict = {}
         o = self.options
         replayable = isinstance(data, (pa.Table, pa.RecordBatch))
@@ -220,13 +247,13 @@ class Store:
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys starting with ``prefix`` (a plain string prefix), sorted."""
-        if not isinstance(prefix, str):
-            raise ConfigError(f"prefix must be a str, not {type(prefix).__name__}")
-        metas = self._retrying(lambda: self.adapter.list(prefix), idempotent=True)
-        self._stats.count("list")
-        return sorted(m.key for m in metas)
+        return [m.key for m in self.list_meta(prefix)]
 
     def list_meta(self, prefix: str = "") -> list[ObjectMeta]:
+        if not isinstance(prefix, str):
+            raise ConfigError(f"prefix must be a str, not {type(prefix).__name__}")
+        if not _could_start_a_key(prefix):
+            return []  # ('../', '/etc', 'a//', NUL): never sent to a backend
         metas = self._retrying(lambda: self.adapter.list(prefix), idempotent=True)
         self._stats.count("list")
         return sorted(metas, key=lambda m: m.key)
@@ -234,7 +261,7 @@ class Store:
     def put_bytes(self, key: str, data, *, mode: Union[str, PutMode] = "overwrite") -> int:
         """Raw bytes (no Arrow framing); used for control records and by the communicator."""
         validate_key(key, backend=self.scheme, op="put")
-        mode = _mode(mode)
+        mode = self._check_mode(_mode(mode), key)
         chunks = data if isinstance(data, (list, tuple)) else [data]
         written = self._retrying(lambda: self.adapter.put(key, chunks, mode),
                                  idempotent=mode is PutMode.OVERWRITE)
@@ -243,8 +270,18 @@ class Store:
         return written
 
     def get_bytes(self, key: str, byte_range: Optional[tuple[int, int]] = None):
+        """Raw bytes, or the range ``[start, end)`` of them (clipped to the object's size); on a
+        backend without native byte ranges the whole object is read and sliced here."""
         validate_key(key, backend=self.scheme, op="get")
-        buf = self._retrying(lambda: self.adapter.get(key, byte_range=byte_range), idempotent=True)
+        native = byte_range is None or self.adapter.capabilities.byte_ranges
+        buf = self._retrying(lambda: self.adapter.get(key, byte_range=byte_range if native else None),
+                             idempotent=True)
+        if not native:
+            start, end = byte_range
+            whole = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
+            end = min(end, whole.size)
+            start = min(start, end)
+            buf = whole.slice(start, end - start)
         self._stats.count("get")
         self._stats.received(len(memoryview(buf)))
         return buf

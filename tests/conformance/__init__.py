@@ -1,0 +1,1 @@
+"""Conformance suite: plain check functions (``checks``) run for every backend in tests/servers."""
