@@ -16,6 +16,8 @@ from .errors import (AlreadyExistsError, ConfigError, ExchangeError, ExchangeTim
                      PayloadTooLargeError, PermissionDeniedError, PreconditionError,
                      RankFailedError, RendezvousError, SchemaMismatchError, StoreError,
                      ThrottledError, TransientError)
+from .comm import Communicator, connect
+from .launch import launch
 from .registry import register
 from .store import Store, open_store
 
@@ -25,15 +27,12 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
     __version__ = "0.0.0+unknown"
 
 _LAZY = {
-    "connect": ("cylon_store.comm", "connect"),
-    "Communicator": ("cylon_store.comm", "Communicator"),
-    "launch": ("cylon_store.launch", "launch"),
     "DataFrame": ("cylon_store.kernel.frame", "DataFrame"),
 }
 
 
 def __getattr__(name):
-    # The communicator, launcher and kernel load on first use, keeping `import cylon_store` fast.
+    # The kernel loads on first use.
     if name in _LAZY:
         import importlib
         module, attr = _LAZY[name]

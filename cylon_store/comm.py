@@ -715,7 +715,7 @@ class StoreCommunicator(Communicator):
 
 
 def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, rendezvous,
-               timeout: float, info: dict) -> tuple[int, str, list[dict], bool]:
+               timeout: float, info: dict, cancel=None) -> tuple[int, str, list[dict], bool]:
     """Claim or confirm a rank, then all-gather the hello records: they carry each rank's
     nonce (rank 0's becomes the run token) and member info (addresses for direct transports)."""
     deadline = time.monotonic() + timeout
@@ -750,6 +750,10 @@ def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, ren
             members[r] = rec
         if len(members) >= world_size:
             break
+        if cancel is not None and cancel.is_set():
+            store.delete_many([K.hello_key(job, rank)])
+            raise ExchangeError(f"rendezvous of job {job!r}: cancelled on rank {rank} because "
+                                f"another rank failed", backend=store.scheme)
         if time.monotonic() >= deadline:
             missing = sorted(set(range(world_size)) - set(members))
             store.delete_many([K.hello_key(job, rank)])
@@ -763,7 +767,8 @@ def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, ren
 
 def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank: Optional[int] = None,
             world_size: Optional[int] = None, rendezvous=None, timeout: float = DEFAULT_TIMEOUT,
-            info: Optional[dict] = None, exchange: str = "auto", **options) -> Communicator:
+            info: Optional[dict] = None, exchange: str = "auto", cancel=None,
+            **options) -> Communicator:
     """Join ``job`` as one rank of ``world_size`` and return its Communicator.
 
     Rank and world size come from the arguments, else from the environment (``cs.launch``,
@@ -772,6 +777,8 @@ def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank:
     direct-transport communicator.  ``exchange`` picks the store exchange: ``"direct"`` (one
     object per sender and destination), ``"combined"`` (write-combining: one object per sender,
     ranged reads) or ``"auto"`` (combined where requests are billed; see ``request_model``).
+    ``cancel`` (a ``threading.Event``) ends every wait of this rank early once set: a launcher
+    running ranks as threads sets it when a sibling fails.
     """
     job = job if job is not None else os.environ.get("CYLON_STORE_JOB")
     if job is None:
@@ -806,11 +813,13 @@ def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank:
     store = open_store(url_or_store, **options)
     try:
         rank, token, members, used_counter = _handshake(store, job, rank, int(world_size), rendezvous,
-                                                        timeout, info or {})
+                                                        timeout, info or {}, cancel)
     except BaseException:
         if own:
             store.close()
         raise
-    return StoreCommunicator(store, job=job, rank=int(rank), world_size=int(world_size), token=token,
+    comm = StoreCommunicator(store, job=job, rank=int(rank), world_size=int(world_size), token=token,
                              members=members, timeout=timeout, own_store=own,
                              used_counter=used_counter, exchange=exchange)
+    comm.cancel_event = cancel
+    return comm

@@ -55,6 +55,10 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
             raise ConfigError("store must be a URL string (or a Store, whose URL is used)")
     job = validate_job(job) if job is not None else f"launch-{uuid.uuid4().hex[:12]}"
     if launcher == "threads":
+        scheme = store.split("://", 1)[0].lower()
+        if scheme in ("mpi", "ucx"):
+            raise ConfigError(f"launcher='threads' runs ranks in one process, which {scheme}:// "
+                              f"cannot: use launcher='mpi' (or 'local' for ucx://)")
         return _launch_threads(fn, world_size, store, tuple(args), job, timeout, comm_timeout)
     return _launch_processes(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
                              launcher, env or {})
@@ -75,8 +79,8 @@ def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout):
     def run(rank):
         try:
             kw = {"timeout": comm_timeout} if comm_timeout else {}
-            with connect(store, job=job, rank=rank, world_size=world_size, **kw) as comm:
-                comm.cancel_event = failed
+            with connect(store, job=job, rank=rank, world_size=world_size, cancel=failed,
+                         **kw) as comm:
                 results[rank] = fn(comm, *args)
         except BaseException as exc:  # reported to the caller below
             errors[rank] = exc

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install --disable-pip-version-check -q -e '.[test,redis,s3,dynamodb,mpi]'
+python -m pip install --disable-pip-version-check -q -e '.[test,redis,s3,dynamodb,mpi,ucx]'
 
 # Real servers for the backend tests: redis-server from Debian when missing.
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -247,7 +247,7 @@ def rank_stops_early(comm):
 
 def test_exchange_timeout_names_missing_rank(store_url):
     with pytest.raises(cs.RankFailedError) as info:
-        cs.launch(rank_stops_early, 3, store=store_url, launcher="threads", comm_timeout=1.5)
+        cs.launch(rank_stops_early, 3, store=store_url, launcher="threads", comm_timeout=5)
     cause = info.value.__cause__
     assert isinstance(cause, cs.ExchangeTimeoutError)
     assert cause.missing == [2]
