@@ -399,6 +399,9 @@ class StoreCommunicator(Communicator):
         self._own_store = own_store
         self._used_counter = used_counter
         self.strategy = choose_strategy(exchange, store, world_size)
+        #: Longest sleep between two polls: short where a LIST is free (local disk, shared
+        #: memory, Redis), longer where every LIST is billed.
+        self.poll_cap = 0.2 if store.scheme in REQUEST_PRICED else 0.02
         self._seq = 0
         self._failed: Optional[BaseException] = None
         self._closed = False
@@ -455,7 +458,7 @@ class StoreCommunicator(Communicator):
             return out
         prefix = K.inbox_prefix(self.job, self.token, seq, dst)
         deadline = time.monotonic() + self.timeout
-        delays = poll_delays()
+        delays = poll_delays(cap=self.poll_cap)
         read_keys = []
         while pending:
             present = {}
@@ -470,7 +473,14 @@ class StoreCommunicator(Communicator):
                 futures = {src: self._pool.submit(read or self.store.get, key)
                            for src, key in present.items()}
                 for src, fut in futures.items():
-                    out[src] = fut.result()
+                    try:
+                        out[src] = fut.result()
+                    except NotFoundError as exc:
+                        # Listed, then gone: only an aborting sender deletes its own messages.
+                        raise ExchangeError(
+                            f"{what} {seq} of job {self.job!r}: rank {src} failed and withdrew "
+                            f"its data while rank {self.rank} was reading it", seq=seq,
+                            backend=self.store.scheme) from exc
                     pending.discard(src)
                     read_keys.append(present[src])
                 continue

@@ -1,0 +1,467 @@
+"""Distributed join, groupby and sort on local ranks over each store, side by side with Dask's
+P2P shuffle on a LocalCluster of as many workers, and with single-process DuckDB and Polars,
+all on the same data in one run.
+
+    python -m cylon_store.bench.kernel_bench            # --quick: reduced sizes, a few minutes
+    python -m cylon_store.bench.kernel_bench --full     # the sizes of issue 7 (10M x 1M join, ...)
+
+Work measured (wall time from a barrier before to a barrier after, result materialised as Arrow
+on every rank / worker; data generation and startup excluded):
+
+* join: left N rows (int64 key uniform in [0, 2M), float64), right M rows (keys 0..M-1 once
+  each, float64); inner join on the key.  Ours twice: "join" with the default broadcast="auto"
+  (M = N/10 on 4 ranks sits at the measured break-even, where auto broadcasts the small side)
+  and "join_shuffle", the hash-shuffle join of both sides that Dask's P2P merge also does.
+* groupby: N rows, key uniform in [0, G); sum, mean and count of a float64 column.
+* sort: N rows (random int64 key, float64 payload) sorted by the key.
+
+Every rank generates its own slice of the data from a seed; peers get the concatenation of the
+same slices.  Reported: the best of ``--repeat`` runs (this is meant to run on shared machines,
+where other processes only ever add time), and the ratios the issue sets as targets (Dask time /
+ours, ours / DuckDB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+import cylon_store as cs
+
+QUICK = {"join_left": 2_000_000, "join_right": 200_000, "groupby_rows": 2_000_000,
+         "groups": 200_000, "sort_rows": 2_000_000}
+FULL = {"join_left": 10_000_000, "join_right": 1_000_000, "groupby_rows": 10_000_000,
+        "groups": 1_000_000, "sort_rows": 10_000_000}
+OPS = ("join", "join_shuffle", "groupby", "sort")
+
+
+def _base(op: str) -> str:
+    """The peers' operation for one of ours (both joins compare with the peers' join)."""
+    return "join" if op.startswith("join") else op
+
+
+# -- data: rank r's slice, identical wherever it is generated -----------------------------------
+
+def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
+    return n * rank // world, n * (rank + 1) // world
+
+
+def make_data(op: str, sizes: dict, rank: int, world: int, seed: int = 7) -> tuple:
+    rng = np.random.default_rng([seed, rank])
+    if op.startswith("join"):
+        lo, hi = _slice(sizes["join_left"], rank, world)
+        n = hi - lo
+        left = pa.table({"k": rng.integers(0, 2 * sizes["join_right"], n),
+                         "v": rng.random(n)})
+        perm = np.random.default_rng(seed).permutation(sizes["join_right"])
+        rlo, rhi = _slice(sizes["join_right"], rank, world)
+        right = pa.table({"k": perm[rlo:rhi].astype(np.int64), "w": rng.random(rhi - rlo)})
+        return left, right
+    if op == "groupby":
+        lo, hi = _slice(sizes["groupby_rows"], rank, world)
+        return (pa.table({"k": rng.integers(0, sizes["groups"], hi - lo),
+                          "v": rng.random(hi - lo)}),)
+    if op == "sort":
+        lo, hi = _slice(sizes["sort_rows"], rank, world)
+        return (pa.table({"k": rng.integers(0, 1 << 62, hi - lo), "v": rng.random(hi - lo)}),)
+    raise ValueError(op)
+
+
+def full_data(op: str, sizes: dict, world: int) -> tuple:
+    parts = [make_data(op, sizes, r, world) for r in range(world)]
+    return tuple(pa.concat_tables([p[i] for p in parts]).combine_chunks()
+                 for i in range(len(parts[0])))
+
+
+GROUP_AGGS = [("v", "sum"), ("v", "mean"), ("v", "count")]
+
+
+def sweep_rank(comm, left_rows: int, ratios: list, repeat: int):
+    """Broadcast vs shuffle join for right sides of ``ratio * left_rows`` rows (every rank)."""
+    from cylon_store import kernel as K
+    pa.set_cpu_count(max(1, (os.cpu_count() or 1) // comm.world_size))
+    out = []
+    for ratio in ratios:
+        sizes = {"join_left": left_rows, "join_right": max(1, int(left_rows * ratio))}
+        left, right = make_data("join", sizes, comm.rank, comm.world_size)
+        row = {"ratio": ratio, "right_mb": comm.allreduce(right.nbytes, "sum") / 2**20}
+        for mode in (True, False):
+            K.join(comm, left.slice(0, 1000), right.slice(0, 1000), on="k", broadcast=mode)
+            times = []
+            for _ in range(repeat):
+                comm.barrier()
+                t0 = time.perf_counter()
+                K.join(comm, left, right, on="k", broadcast=mode)
+                comm.barrier()
+                times.append(time.perf_counter() - t0)
+            row["broadcast" if mode else "shuffle"] = min(times)
+        out.append(row)
+    return out
+
+
+def sweep_groupby_rank(comm, rows: int, groups_list: list, repeat: int):
+    """Groupby with and without pre-aggregation over numbers of groups (every rank)."""
+    from cylon_store import kernel as K
+    pa.set_cpu_count(max(1, (os.cpu_count() or 1) // comm.world_size))
+    out = []
+    for groups in groups_list:
+        data = make_data("groupby", {"groupby_rows": rows, "groups": groups}, comm.rank,
+                         comm.world_size)[0]
+        row = {"groups": groups}
+        for mode in (True, False, "auto"):
+            K.groupby(comm, data.slice(0, 1000), "k", GROUP_AGGS, pre_aggregate=mode)
+            times = []
+            for _ in range(repeat):
+                comm.barrier()
+                t0 = time.perf_counter()
+                K.groupby(comm, data, "k", GROUP_AGGS, pre_aggregate=mode)
+                comm.barrier()
+                times.append(time.perf_counter() - t0)
+            row[mode] = min(times)
+        out.append(row)
+    return out
+
+
+def run_kernel(comm, op: str, data: tuple) -> pa.Table:
+    from cylon_store import kernel as K
+    if op == "join":
+        return K.join(comm, data[0], data[1], on="k")
+    if op == "join_shuffle":
+        return K.join(comm, data[0], data[1], on="k", broadcast=False)
+    if op == "groupby":
+        return K.groupby(comm, data[0], "k", GROUP_AGGS)
+    if op == "sort":
+        return K.sort(comm, data[0], "k")
+    raise ValueError(op)
+
+
+def bench_rank(comm, op: str, sizes: dict, repeat: int):
+    """Runs on every rank (a process started by cs.launch)."""
+    # One rank per core share, as Cylon runs one thread per rank: Arrow's pool would otherwise
+    # start a thread per core in every rank.
+    pa.set_cpu_count(max(1, (os.cpu_count() or 1) // comm.world_size))
+    data = make_data(op, sizes, comm.rank, comm.world_size)
+    run_kernel(comm, op, tuple(t.slice(0, 1000) for t in data))   # warm up imports and pools
+    times, rows = [], 0
+    for _ in range(repeat):
+        comm.barrier()
+        t0 = time.perf_counter()
+        out = run_kernel(comm, op, data)
+        comm.barrier()
+        times.append(time.perf_counter() - t0)
+        rows = out.num_rows
+        del out
+    total = comm.allreduce(rows, "sum")
+    return times, total
+
+
+# -- our runs -----------------------------------------------------------------------------------
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port (stopped by its PID)."""
+
+    def __init__(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found (apt-get install redis-server)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tempfile.mkdtemp(prefix="kbench-redis-")
+        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no", "--dir", self.dir,
+                                      "--protected-mode", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_ours(store: str, url: str, op: str, sizes: dict, ranks: int, repeat: int):
+    results = cs.launch(bench_rank, ranks, store=url, launcher="local",
+                        args=(op, sizes, repeat), job=f"kb-{op.replace('_', '-')}-{uuid.uuid4().hex[:6]}",
+                        comm_timeout=600)
+    times, rows = results[0]
+    return min(times), rows
+
+
+# -- peers --------------------------------------------------------------------------------------
+
+def run_duckdb(op: str, data: tuple, repeat: int):
+    import duckdb
+    con = duckdb.connect()
+    for name, t in zip(("a", "b"), data):
+        con.register(name, t)
+    sql = {"join": "SELECT a.k, a.v, b.w FROM a JOIN b ON a.k = b.k",
+           "groupby": "SELECT k, sum(v) AS v_sum, avg(v) AS v_mean, count(v) AS v_count "
+                      "FROM a GROUP BY k",
+           "sort": "SELECT * FROM a ORDER BY k"}[op]
+    return _timed(lambda: con.sql(sql).to_arrow_table(), repeat)
+
+
+def run_polars(op: str, data: tuple, repeat: int):
+    import polars as pl
+    frames = [pl.from_arrow(t) for t in data]
+    if op == "join":
+        fn = lambda: frames[0].join(frames[1], on="k", how="inner")  # noqa: E731
+    elif op == "groupby":
+        fn = lambda: frames[0].group_by("k").agg(  # noqa: E731
+            pl.col("v").sum().alias("v_sum"), pl.col("v").mean().alias("v_mean"),
+            pl.col("v").count().alias("v_count"))
+    else:
+        fn = lambda: frames[0].sort("k")  # noqa: E731
+    return _timed(fn, repeat)
+
+
+def _timed(fn, repeat):
+    fn()   # warm-up
+    times, rows = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        rows = len(out) if not isinstance(out, pa.Table) else out.num_rows
+        del out
+    return min(times), rows
+
+
+class DaskPeer:
+    """Dask DataFrame on a LocalCluster of ``workers`` single-threaded worker processes, every
+    shuffle through the P2P extension."""
+
+    def __init__(self, workers: int):
+        import logging
+        import warnings
+
+        import dask
+        from dask.distributed import Client, LocalCluster
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        dask.config.set({"dataframe.shuffle.method": "p2p",
+                         "distributed.worker.daemon": False})
+        self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                    dashboard_address=None, memory_limit=0,
+                                    silence_logs=logging.ERROR)
+        self.client = Client(self.cluster)
+        self.workers = workers
+
+    def run(self, op: str, data: tuple, repeat: int):
+        import dask.dataframe as dd
+        from dask.distributed import wait
+        P = self.workers
+        frames = []
+        for t in data:
+            ddf = dd.from_pandas(t.to_pandas(), npartitions=P).persist()
+            wait(ddf)
+            frames.append(ddf)
+        times, rows = [], 0
+        for i in range(repeat + 1):   # the first run warms up the workers
+            t0 = time.perf_counter()
+            if op == "join":
+                res = frames[0].merge(frames[1], on="k", how="inner", shuffle_method="p2p",
+                                      broadcast=False)
+            elif op == "groupby":
+                res = frames[0].groupby("k").agg({"v": ["sum", "mean", "count"]}, split_out=P,
+                                                  shuffle_method="p2p")
+            else:
+                res = frames[0].sort_values("k", shuffle_method="p2p")
+            res = res.persist()
+            wait(res)
+            if i:
+                times.append(time.perf_counter() - t0)
+            rows = int(res.map_partitions(len).compute().sum())
+            # Forget the result before the next run: the same expression has the same keys, and
+            # a result still held would be handed back without any work.
+            self.client.cancel(res)
+            del res
+            time.sleep(0.5)
+        self.client.cancel(frames)
+        self.client.run(lambda: __import__("gc").collect())
+        return min(times), rows
+
+    def close(self):
+        self.client.close()
+        self.cluster.close()
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="reduced sizes (default)")
+    size.add_argument("--full", action="store_true", help="the sizes of issue 7")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--stores", default="memory,file,redis")
+    ap.add_argument("--peers", default="dask,duckdb,polars")
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--repeat", type=int, default=None, help="runs per measurement (best of)")
+    ap.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only measure the two choices made by measurement: broadcast vs "
+                         "shuffle join by right-side size, and groupby with vs without "
+                         "pre-aggregation by number of groups (memory store)")
+    args = ap.parse_args(argv)
+    if args.sweep:
+        return sweep(args)
+
+    sizes = FULL if args.full else QUICK
+    repeat = args.repeat or (3 if args.full else 5)
+    stores = [s for s in args.stores.split(",") if s]
+    peers = [p for p in args.peers.split(",") if p]
+    ops = [o for o in args.ops.split(",") if o]
+    P = args.ranks
+    print(f"# kernel benchmark: {'full' if args.full else 'quick'} sizes {sizes}, {P} ranks, "
+          f"best of {repeat}; {platform.node()} {os.cpu_count()} cpus, python "
+          f"{platform.python_version()}, pyarrow {pa.__version__}", flush=True)
+
+    redis_server: Optional[RedisServer] = None
+    tmp = tempfile.mkdtemp(prefix="kbench-file-")
+    urls = {}
+    for s in stores:
+        if s == "memory":
+            urls[s] = f"memory://kbench-{uuid.uuid4().hex[:8]}"
+        elif s == "file":
+            urls[s] = f"file://{tmp}?fsync=false"
+        elif s == "redis":
+            if args.redis_url:
+                urls[s] = args.redis_url
+            else:
+                try:
+                    redis_server = RedisServer()
+                    urls[s] = redis_server.url
+                except RuntimeError as exc:
+                    print(f"(redis skipped: {exc})", flush=True)
+        else:
+            urls[s] = s  # any other store URL
+    rows_out: list[dict] = []
+    peer_ops = list(dict.fromkeys(_base(op) for op in ops))
+    try:
+        # Ours and the single-process peers first; the Dask cluster only afterwards, since its
+        # idle worker processes alone take a visible share of a small machine's CPUs.
+        for op in ops:
+            row = {"op": op}
+            for s, url in urls.items():
+                t, n = run_ours(s, url, op, sizes, P, repeat)
+                row[f"cylon-{s}"] = t
+                row["rows"] = n
+                print(f"{op:14s} cylon/{s:7s} {t:8.3f}s  rows={n}", flush=True)
+            rows_out.append(row)
+        peer_times: dict = {}
+        for op in peer_ops:
+            data = full_data(op, sizes, P)
+            for name, fn in (("duckdb", run_duckdb), ("polars", run_polars)):
+                if name in peers:
+                    t, n = fn(op, data, repeat)
+                    peer_times[(op, name)] = t
+                    print(f"{op:14s} {name:14s} {t:8.3f}s  rows={n}", flush=True)
+            del data
+        if "dask" in peers:
+            dask_peer = DaskPeer(P)
+            try:
+                for op in peer_ops:
+                    data = full_data(op, sizes, P)
+                    t, n = dask_peer.run(op, data, repeat)
+                    peer_times[(op, "dask-p2p")] = t
+                    print(f"{op:14s} dask-p2p       {t:8.3f}s  rows={n}", flush=True)
+                    del data
+            finally:
+                dask_peer.close()
+        for row in rows_out:
+            for (op, name), t in peer_times.items():
+                if op == _base(row["op"]):
+                    row[name] = t
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print(render(rows_out, list(urls), peers))
+    return 0
+
+
+def sweep(args) -> int:
+    left = (FULL if args.full else QUICK)["join_left"]
+    ratios = [0.01, 0.03, 0.1, 0.2, 0.33, 0.5, 1.0]
+    repeat = args.repeat or (3 if args.full else 5)
+    rows = cs.launch(sweep_rank, args.ranks, store=f"memory://kbench-{uuid.uuid4().hex[:8]}",
+                     launcher="local", args=(left, ratios, repeat), comm_timeout=600)[0]
+    print(f"# broadcast vs shuffle join: left {left} rows, {args.ranks} ranks, memory store, "
+          f"best of {repeat}")
+    print("| right / left | right side MiB | broadcast | shuffle | shuffle / broadcast |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ratio']} | {r['right_mb']:.1f} | {r['broadcast']:.3f} s | "
+              f"{r['shuffle']:.3f} s | {r['shuffle'] / r['broadcast']:.2f}x |")
+    grows = (FULL if args.full else QUICK)["groupby_rows"]
+    groups = [grows * f // 1000 for f in (1, 10, 40, 120, 300, 1000)]
+    rows = cs.launch(sweep_groupby_rank, args.ranks, store=f"memory://kbench-{uuid.uuid4().hex[:8]}",
+                     launcher="local", args=(grows, groups, repeat), comm_timeout=600)[0]
+    print()
+    print(f"# groupby with / without pre-aggregation: {grows} rows, {args.ranks} ranks, memory "
+          f"store, best of {repeat}")
+    print("| groups | groups per row on a rank | pre-aggregate | rows first | auto |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        per_rank = r["groups"] * (1 - np.exp(-grows / args.ranks / r["groups"])) / (grows / args.ranks)
+        print(f"| {r['groups']} | {per_rank:.3f} | {r[True]:.3f} s | {r[False]:.3f} s | "
+              f"{r['auto']:.3f} s |")
+    return 0
+
+
+def render(rows: list[dict], stores: list[str], peers: list[str]) -> str:
+    cols = [f"cylon-{s}" for s in stores] + [p if p != "dask" else "dask-p2p" for p in peers]
+    head = "| operation | result rows | " + " | ".join(cols) + \
+           " | dask / cylon-memory | cylon-memory / duckdb |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    for r in rows:
+        ref = r
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.3f} s" if isinstance(v, float) else "-")
+        ours = r.get("cylon-memory")
+        dask_t = ref.get("dask-p2p") if ref else None
+        duck = ref.get("duckdb") if ref else None
+        r1 = f"{dask_t / ours:.2f}x" if ours and dask_t else "-"
+        r2 = f"{ours / duck:.2f}x" if ours and duck else "-"
+        lines.append(f"| {r['op']} | {r.get('rows', '-')} | " + " | ".join(cells) +
+                     f" | {r1} | {r2} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
