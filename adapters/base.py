@@ -102,9 +102,13 @@ class Stats:
 
     def snapshot(self) -> dict:
         with self._lock:
+            # Adapters that count their backend's own requests name them "<scheme>.<KIND>";
+            # where they do, those are the billable total, not the facade's logical operations.
+            backend = [n for k, n in self._requests.items() if "." in k]
+            logical = [n for k, n in self._requests.items() if "." not in k and k != "retries"]
             return {
                 "requests": dict(self._requests),
-                "requests_total": sum(self._requests.values()),
+                "requests_total": sum(backend) if backend else sum(logical),
                 "bytes_out": self.bytes_out,
                 "bytes_in": self.bytes_in,
                 **{k: v for k, v in self._extra.items()},
@@ -120,7 +124,7 @@ class Stats:
 class BlobAdapter:
     """Base of blob adapters: subclasses set ``scheme``, ``Config``, ``capabilities`` and
     implement the five operations.  Constructed by the facade with the URL location, the
-    adapter's frozen config and the store's ``Stats``; must not do network I/O in ``__init__``
+    adapter's frozen config, the store's ``Stats`` and (keyword ``options``) its ``StoreOptions``; must not do network I/O in ``__init__``
     beyond what it needs to fail fast on a bad configuration.
     """
 
@@ -129,10 +133,13 @@ class BlobAdapter:
     Config: ClassVar[type]
     capabilities: Capabilities = Capabilities()
 
-    def __init__(self, location: str, config, stats: Stats):
+    def __init__(self, location: str, config, stats: Stats, options=None):
         self.location = location
         self.config = config
         self.stats = stats
+        #: The store's ``StoreOptions`` (retries, concurrency) for adapters that retry or fan
+        #: out internally (multipart parts, batch writes).
+        self.options = options
 
     # -- the contract -------------------------------------------------------------------
     def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:

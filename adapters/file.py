@@ -71,8 +71,8 @@ class FileAdapter(BlobAdapter):
                                 notification=False, streaming_put=True)
 
     def __init__(self, location: str, config: FileConfig, stats, *, root: Optional[str] = None,
-                 backend: str = "file"):
-        super().__init__(location, config, stats)
+                 backend: str = "file", options=None):
+        super().__init__(location, config, stats, options)
         self.backend = backend
         if root is None:
             path = location.split("://", 1)[1]

@@ -72,8 +72,9 @@ class MemoryAdapter(BlobAdapter):
     capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
                                 notification=True, atomic_counter=True, streaming_put=False)
 
-    def __init__(self, location: str, config: MemoryConfig, stats, *, name: Optional[str] = None):
-        super().__init__(location, config, stats)
+    def __init__(self, location: str, config: MemoryConfig, stats, *, name: Optional[str] = None,
+                 options=None):
+        super().__init__(location, config, stats, options)
         self.name = name or memory_name(location)
         if not self.name:
             raise ConfigError("an anonymous memory store has no name yet", backend="memory")

@@ -523,8 +523,8 @@ class RedisAdapter(BlobAdapter):
     capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
                                 notification=True, atomic_counter=True, streaming_put=True)
 
-    def __init__(self, location: str, config: RedisConfig, stats):
-        super().__init__(location, config, stats)
+    def __init__(self, location: str, config: RedisConfig, stats, options=None):
+        super().__init__(location, config, stats, options)
         parts = urlsplit(location)
         self.tls = parts.scheme.lower() == "rediss"
         self.scheme = parts.scheme.lower()

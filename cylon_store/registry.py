@@ -52,17 +52,25 @@ def adapter_class(scheme: str) -> type:
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            hint = f"pip install 'cylon-store[{entry.extra}]'" if entry.extra else f"pip install {module}"
-            raise ConfigError(f"the {scheme}:// backend needs the Python package {module!r}, which is "
-                              f"not installed: {hint}") from exc
+            raise _missing(scheme, entry, module) from exc
     if isinstance(entry.target, str):
         module_name, _, attr = entry.target.partition(":")
-        cls = getattr(importlib.import_module(module_name), attr)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:  # the adapter's own package, or a dependency it imports
+            raise _missing(scheme, entry, exc.name or module_name) from exc
+        cls = getattr(module, attr)
     else:
         cls = entry.target
     with _LOCK:
         _LOADED[scheme] = cls
     return cls
+
+
+def _missing(scheme: str, entry: _Entry, module: str) -> ConfigError:
+    hint = f"pip install 'cylon-store[{entry.extra}]'" if entry.extra else f"pip install {module}"
+    return ConfigError(f"the {scheme}:// backend needs the Python package {module!r}, which is "
+                       f"not installed: {hint}")
 
 
 def option_classes_of_other_schemes(scheme: str) -> list[type]:
@@ -80,3 +88,10 @@ def option_classes_of_other_schemes(scheme: str) -> list[type]:
 
 register("memory", "cylon_store.adapters.memory:MemoryAdapter")
 register("file", "cylon_store.adapters.file:FileAdapter")
+register("s3", "cylon_store.adapters.s3:S3Adapter", extra="s3", requires=("boto3",))
+register("dynamodb", "cylon_store.adapters.dynamodb:DynamoDBAdapter", extra="dynamodb", requires=("boto3",))
+register("redis", "cylon_store.adapters.redis:RedisAdapter", extra="redis", requires=("redis",))
+register("rediss", "cylon_store.adapters.redis:RedisAdapter", extra="redis", requires=("redis",))
+# Direct transports answer open_store() with NotSupportedError naming cs.connect (and own options).
+register("mpi", "cylon_store.transports.mpi:MpiStoreAdapter", extra="mpi")
+register("ucx", "cylon_store.transports.ucx:UcxStoreAdapter", extra="ucx")

@@ -106,7 +106,8 @@ class Store:
                 if self._closed:
                     raise StoreError("the store is closed", backend=self.scheme)
                 if self._adapter is None:
-                    self._adapter = self._adapter_cls(self.url, self.adapter_config, self._stats)
+                    self._adapter = self._adapter_cls(self.url, self.adapter_config, self._stats,
+                                                      options=self.options)
                 a = self._adapter
         return a
 
