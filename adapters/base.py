@@ -104,7 +104,8 @@ class Stats:
         with self._lock:
             # Adapters that count their backend's own requests name them "<scheme>.<KIND>";
             # where they do, those are the billable total, not the facade's logical operations.
-            backend = [n for k, n in self._requests.items() if "." in k and not k.endswith(".throttled")]
+            backend = [n for k, n in self._requests.items()
+                       if "." in k and k.split(".", 1)[1][:1].isupper()]
             logical = [n for k, n in self._requests.items() if "." not in k and k != "retries"]
             return {
                 "requests": dict(self._requests),

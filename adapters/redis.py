@@ -904,7 +904,7 @@ class _Session:
 
     # -- generic ------------------------------------------------------------------------------
     def _send(self, parts: list, commands: int) -> None:
-        self.a.stats.count("redis_commands", commands)
+        self.a.stats.count("redis.COMMANDS", commands)
         self.dirty = True
         self.conn.send_packed_command(parts, check_health=False)
 

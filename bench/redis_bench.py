@@ -235,7 +235,7 @@ def latency_rank(comm, rounds: int, max_delay: float, seed: int):
             time.sleep(delays[i])
         comm.exchange(parts)
     elapsed = time.monotonic() - t0
-    cmds = comm.store.stats()["requests"].get("redis_commands", 0)
+    cmds = comm.store.stats()["requests"].get("redis.COMMANDS", 0)
     return {"elapsed": elapsed, "delay": float(delays.sum()), "commands": cmds}
 
 

@@ -401,7 +401,7 @@ class StoreCommunicator(Communicator):
         self.strategy = choose_strategy(exchange, store, world_size)
         #: Longest sleep between two polls: short where a LIST is free (local disk, shared
         #: memory, Redis), longer where every LIST is billed.
-        self.poll_cap = 0.2 if store.scheme in REQUEST_PRICED else 0.02
+        self.poll_cap = 0.1 if store.scheme in REQUEST_PRICED else 0.02
         self._seq = 0
         self._failed: Optional[BaseException] = None
         self._closed = False

@@ -1,0 +1,130 @@
+"""Exchange over S3 and DynamoDB (moto on loopback): time, requests and dollars per exchange,
+direct (one object per pair) against write-combined (one object per sender), in one run.
+
+    python -m cylon_store.bench.exchange_requests [--ranks 4,8] [--gb 1.0] [--stores s3,dynamodb]
+
+Ranks are OS processes (``cs.launch``); each counts its own store requests around the exchange
+(polling LISTs included, deletes listed apart: S3 does not bill them). The request model of
+``cylon_store.comm.request_model`` is printed beside the counts. Dollars at AWS list prices:
+S3 $0.005 per 1,000 PUT/LIST and $0.0004 per 1,000 GET; DynamoDB on-demand $0.625 per million
+write units and $0.125 per million read units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+
+import boto3
+import numpy as np
+import pyarrow as pa
+
+import cylon_store as cs
+from cylon_store.comm import request_model
+
+from .s3_bench import LocalMoto
+
+S3_PUT, S3_GET = 0.005 / 1000, 0.0004 / 1000
+DDB_WRU, DDB_RRU = 0.625 / 1e6, 0.125 / 1e6
+
+
+def rank(comm, total_bytes):
+    P, me = comm.world_size, comm.rank
+    rows = total_bytes // P // 16
+    rng = np.random.default_rng(me)
+    table = pa.table({"k": rng.integers(0, 1 << 62, rows), "v": rng.random(rows)})
+    per = rows // P
+    parts = [table.slice(d * per, per if d < P - 1 else rows - d * per) for d in range(P)]
+    comm.barrier()
+    before = comm.store.stats()
+    t0 = time.perf_counter()
+    out = comm.exchange(parts)
+    took = time.perf_counter() - t0
+    after = comm.store.stats()
+    assert sum(t.num_rows for t in out) > 0 or rows == 0
+    diff = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
+    units = {k: after.get(k, 0) - before.get(k, 0)
+             for k in ("dynamodb.write_units", "dynamodb.read_units")}
+    comm.barrier()
+    return {"seconds": took, "requests": diff, "units": units,
+            "bytes": sum(p.nbytes for d, p in enumerate(parts) if d != me)}
+
+
+def run(stores, ranks, gb):
+    moto = LocalMoto()
+    rows = []
+    try:
+        endpoint = moto.url
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=bucket)
+        for store in stores:
+            for P in ranks:
+                for strategy in ("direct", "combined"):
+                    if store == "s3":
+                        url = (f"s3://{bucket}/x-{uuid.uuid4().hex[:8]}?endpoint_url={endpoint}"
+                               f"&region=us-east-1")
+                    else:
+                        url = (f"dynamodb://bench-{uuid.uuid4().hex[:8]}?endpoint_url={endpoint}"
+                               f"&region=us-east-1")
+                    res = cs.launch(_with_strategy, P, store=url, args=(strategy, int(gb * 1e9)),
+                                    env={"AWS_ACCESS_KEY_ID": "bench",
+                                         "AWS_SECRET_ACCESS_KEY": "bench"},
+                                    comm_timeout=900)
+                    req: dict = {}
+                    units = {"dynamodb.write_units": 0.0, "dynamodb.read_units": 0.0}
+                    for r in res:
+                        for k, v in r["requests"].items():
+                            req[k] = req.get(k, 0) + v
+                        for k, v in r["units"].items():
+                            units[k] += v
+                    rows.append({"store": store, "ranks": P, "strategy": strategy,
+                                 "seconds": max(r["seconds"] for r in res),
+                                 "gb": sum(r["bytes"] for r in res) / 1e9, "requests": req,
+                                 "units": units, "model": request_model(P, strategy)})
+    finally:
+        moto.stop()
+    return rows
+
+
+def _with_strategy(comm, strategy, total_bytes):
+    # The communicator made by the launcher uses exchange="auto"; pin the strategy under test.
+    from cylon_store.comm import choose_strategy
+    comm.strategy = choose_strategy(strategy, comm.store, comm.world_size)
+    return rank(comm, total_bytes)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", default="4,8")
+    ap.add_argument("--gb", type=float, default=1.0)
+    ap.add_argument("--stores", default="s3,dynamodb")
+    args = ap.parse_args(argv)
+    rows = run(args.stores.split(","), [int(r) for r in args.ranks.split(",")], args.gb)
+    print("| store | ranks | exchange | GB crossing | seconds | GB/s | PUT-class | GET-class | LIST (polls) "
+          "| model put/get | $ per exchange |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        q = r["requests"]
+        if r["store"] == "s3":
+            put = q.get("s3.PUT", 0) + q.get("s3.MULTIPART_CREATE", 0) + \
+                q.get("s3.MULTIPART_PART", 0) + q.get("s3.MULTIPART_COMPLETE", 0)
+            get = q.get("s3.GET", 0) + q.get("s3.HEAD", 0)
+            lst = q.get("s3.LIST", 0)
+            usd = (put + lst) * S3_PUT + get * S3_GET
+        else:
+            put = sum(v for k, v in q.items() if k.startswith("dynamodb.") and
+                      k.split(".")[1] in ("PutItem", "BatchWriteItem", "UpdateItem", "DeleteItem"))
+            get = sum(v for k, v in q.items() if k.startswith("dynamodb.") and
+                      k.split(".")[1] in ("GetItem", "BatchGetItem"))
+            lst = sum(v for k, v in q.items() if k.startswith("dynamodb.") and k.split(".")[1] in ("Query", "Scan"))
+            usd = r["units"]["dynamodb.write_units"] * DDB_WRU + r["units"]["dynamodb.read_units"] * DDB_RRU
+        m = r["model"]
+        print(f"| {r['store']} | {r['ranks']} | {r['strategy']} | {r['gb']:.2f} | {r['seconds']:.2f} | "
+              f"{r['gb'] / r['seconds']:.2f} | {put} | {get} | {lst} | {m['put']}/{m['get']} | "
+              f"{usd:.5f} |")
+
+
+if __name__ == "__main__":
+    main()
