@@ -46,7 +46,7 @@ from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
 #: ElastiCache uses the same default).  Chunks must stay below it.
 REDIS_MAX_BULK = 512 << 20
 #: Default chunk: values above it are split into keys of this size.  Measured on loopback
-#: (BENCHMARKS-redis.md, "chunk size"): pipelined 1 MiB SETs/GETs move a 256 MiB value as fast
+#: (BENCHMARKS.md, Redis "chunk size"): pipelined 1 MiB SETs/GETs move a 256 MiB value as fast
 #: as 16-64 MiB ones, and a streaming put then holds at most ~1 MiB of payload.  Small chunks
 #: also keep each command far below ElastiCache's replica output-buffer limit (256 MB hard).
 DEFAULT_CHUNK_SIZE = 1 << 20

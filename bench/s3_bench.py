@@ -1,6 +1,6 @@
 """S3 and DynamoDB backends against raw boto3, measured in one run against one endpoint.
 
-    python -m cylon_store.bench.s3_bench [--quick | --full] [--out BENCHMARKS-s3.md]
+    python -m cylon_store.bench.s3_bench [--quick | --full] [--out FILE.md]
     python -m cylon_store.bench.s3_bench --s3-url s3://bucket/prefix --dynamodb-url dynamodb://table
 
 Without URLs, moto's S3/DynamoDB server is started in a child process on a free loopback port

@@ -455,7 +455,7 @@ def groupby(comm, table, by, aggs, *, pre_aggregate="auto") -> pa.Table:
 
 
 #: Pre-aggregate when the ranks' local group counts add up to at most this share of the rows.
-#: Measured on 4 ranks, 2.5M rows each (BENCHMARKS-kernel.md): shuffling rows first wins from
+#: Measured on 4 ranks, 2.5M rows each (BENCHMARKS.md, kernel section): shuffling rows first wins from
 #: about 0.1 group per row (0.39 s vs 0.44 s), pre-aggregating below (0.26 s vs 0.37 s at 0.04).
 PRE_AGGREGATE_RATIO = 0.1
 _SAMPLE = 4096

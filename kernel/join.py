@@ -24,7 +24,7 @@ __all__ = ["join", "local_join", "BROADCAST_THRESHOLD"]
 BROADCAST_THRESHOLD = int(os.environ.get("CYLON_STORE_BROADCAST_THRESHOLD", 64 << 20))
 #: Broadcast while small * (P - 1) <= BROADCAST_RATIO * large.  Bytes alone would say 1.0 (an
 #: allgather moves S(P-1), a shuffle (L+S)(P-1)/P), but every rank then builds the hash table of
-#: the whole small side: measured on 4 ranks (BENCHMARKS-kernel.md, --sweep), the two break even
+#: the whole small side: measured on 4 ranks (BENCHMARKS.md, kernel section, --sweep), the two break even
 #: around S/L = 0.1, i.e. S(P-1)/L = 0.3; broadcasting wins 1.5-2.5x below, loses up to 2x above.
 BROADCAST_RATIO = float(os.environ.get("CYLON_STORE_BROADCAST_RATIO", 0.3))
 

@@ -73,7 +73,7 @@ class UcxOptions:
     ucx_config: Optional[str] = None
     #: Endpoint error handling: a dead peer fails the others' waits at once, naming it.  On one
     #: host UCX then avoids CMA single-copy transfers (measured ~10x slower there, see
-    #: BENCHMARKS-transports.md); ``false`` is faster on one host, but a peer that dies can make
+    #: BENCHMARKS.md, direct transports); ``false`` is faster on one host, but a peer that dies can make
     #: UCX abort the survivors instead of raising.  Between hosts (TCP, IB) it costs nothing.
     error_handling: bool = True
     #: "blocking": wait in epoll between events; "polling": spin on the worker.
