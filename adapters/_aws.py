@@ -259,3 +259,12 @@ def cut(views: Iterator, size_for: Callable[[int], int], *, join: bool = True) -
             target = size_for(number)
     if have or number == 1:
         yield b"".join(pending) if join else pending
+
+
+class Uncertain(StoreError):
+    """Carries an error after which a write may or may not have happened: never retried, and
+    the caller checks what landed (S3: the object; DynamoDB: the commit item)."""
+
+    def __init__(self, inner: StoreError):
+        self.inner = inner
+        super().__init__(str(inner))

@@ -67,6 +67,7 @@ from cylon_store.errors import (AlreadyExistsError, ConfigError, NotFoundError,
 from cylon_store.retry import poll_delays
 
 from . import _aws
+from ._aws import Uncertain as _Uncertain
 from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
 
 log = logging.getLogger(__name__)
@@ -155,14 +156,6 @@ class DynamoDBConfig(_aws.AwsOptions):
             raise ConfigError(f"option 'batch_bytes' must be positive, got {self.batch_bytes}")
 
 
-class _Uncertain(StoreError):
-    """Carries an error after which a write may or may not have happened (not retried)."""
-
-    def __init__(self, inner: StoreError):
-        self.inner = inner
-        super().__init__(str(inner))
-
-
 class _Unprocessed(ThrottledError):
     """Batch items the service left unprocessed (capacity): retried with backoff."""
 
@@ -176,7 +169,7 @@ class DynamoDBAdapter(BlobAdapter):
 
     def __init__(self, location: str, config: DynamoDBConfig, stats,
                  options: Optional[StoreOptions] = None):
-        super().__init__(location, config, stats)
+        super().__init__(location, config, stats, options)
         rest = location.split("://", 1)[1]
         table, _, namespace = rest.partition("/")
         if not _TABLE_RE.match(table):

@@ -54,6 +54,7 @@ from cylon_store.errors import (AlreadyExistsError, ConfigError, InvalidKeyError
                                 StoreError, ThrottledError, TransientError)
 
 from . import _aws
+from ._aws import Uncertain as _Uncertain
 from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,6 @@ class S3Config(_aws.AwsOptions):
             raise ConfigError("option 'sse_kms_key_id' needs sse='aws:kms'")
 
 
-class _Uncertain(StoreError):
-    """Carries an error after which a write may or may not have happened (not retried)."""
-
-    def __init__(self, inner: StoreError):
-        self.inner = inner
-        super().__init__(str(inner))
-
-
 class _ConditionalConflict(TransientError):
     """409 ConditionalRequestConflict: a concurrent conditional write is in flight; retry."""
 
@@ -157,7 +150,7 @@ class S3Adapter(BlobAdapter):
 
     def __init__(self, location: str, config: S3Config, stats,
                  options: Optional[StoreOptions] = None):
-        super().__init__(location, config, stats)
+        super().__init__(location, config, stats, options)
         rest = location.split("://", 1)[1]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
