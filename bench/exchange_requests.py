@@ -1,7 +1,12 @@
 """Exchange over S3 and DynamoDB (moto on loopback): time, requests and dollars per exchange,
-direct (one object per pair) against write-combined (one object per sender), in one run.
+direct (one object per pair), write-combined (one object per sender) and two-level (two
+combined rounds on a sqrt(P) grid), in one run.
 
     python -m cylon_store.bench.exchange_requests [--ranks 4,8] [--gb 1.0] [--stores s3,dynamodb]
+        [--strategies direct,combined,twolevel] [--launcher local|threads]
+
+``--launcher threads`` runs the ranks as threads of one process (for request counts at many
+ranks with little data; timings then share one interpreter).
 
 Ranks are OS processes (``cs.launch``); each counts its own store requests around the exchange
 (polling LISTs included, deletes listed apart: S3 does not bill them). The request model of
@@ -13,6 +18,8 @@ write units and $0.125 per million read units.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import time
 import uuid
 
@@ -51,7 +58,7 @@ def rank(comm, total_bytes):
             "bytes": sum(p.nbytes for d, p in enumerate(parts) if d != me)}
 
 
-def run(stores, ranks, gb):
+def run(stores, ranks, gb, strategies=("direct", "combined", "twolevel"), launcher="local"):
     moto = LocalMoto()
     rows = []
     try:
@@ -61,17 +68,17 @@ def run(stores, ranks, gb):
                      aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=bucket)
         for store in stores:
             for P in ranks:
-                for strategy in ("direct", "combined"):
+                for strategy in strategies:
                     if store == "s3":
                         url = (f"s3://{bucket}/x-{uuid.uuid4().hex[:8]}?endpoint_url={endpoint}"
                                f"&region=us-east-1")
                     else:
                         url = (f"dynamodb://bench-{uuid.uuid4().hex[:8]}?endpoint_url={endpoint}"
                                f"&region=us-east-1")
-                    res = cs.launch(_with_strategy, P, store=url, args=(strategy, int(gb * 1e9)),
-                                    env={"AWS_ACCESS_KEY_ID": "bench",
-                                         "AWS_SECRET_ACCESS_KEY": "bench"},
-                                    comm_timeout=900)
+                    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+                    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+                    res = cs.launch(rank, P, store=url, args=(int(gb * 1e9),), launcher=launcher,
+                                    comm_timeout=900, exchange=strategy)
                     req: dict = {}
                     units = {"dynamodb.write_units": 0.0, "dynamodb.read_units": 0.0}
                     for r in res:
@@ -88,23 +95,19 @@ def run(stores, ranks, gb):
     return rows
 
 
-def _with_strategy(comm, strategy, total_bytes):
-    # The communicator made by the launcher uses exchange="auto"; pin the strategy under test.
-    from cylon_store.comm import choose_strategy
-    comm.strategy = choose_strategy(strategy, comm.store, comm.world_size)
-    return rank(comm, total_bytes)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="4,8")
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--stores", default="s3,dynamodb")
+    ap.add_argument("--strategies", default="direct,combined,twolevel")
+    ap.add_argument("--launcher", default="local", choices=["local", "threads"])
     args = ap.parse_args(argv)
-    rows = run(args.stores.split(","), [int(r) for r in args.ranks.split(",")], args.gb)
+    rows = run(args.stores.split(","), [int(r) for r in args.ranks.split(",")], args.gb,
+               args.strategies.split(","), args.launcher)
     print("| store | ranks | exchange | GB crossing | seconds | GB/s | PUT-class | GET-class | LIST (polls) "
-          "| model put/get | $ per exchange |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+          "| model put/get | 2P√P | $ per exchange |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         q = r["requests"]
         if r["store"] == "s3":
@@ -123,7 +126,7 @@ def main(argv=None):
         m = r["model"]
         print(f"| {r['store']} | {r['ranks']} | {r['strategy']} | {r['gb']:.2f} | {r['seconds']:.2f} | "
               f"{r['gb'] / r['seconds']:.2f} | {put} | {get} | {lst} | {m['put']}/{m['get']} | "
-              f"{usd:.5f} |")
+              f"{2 * r['ranks'] * math.sqrt(r['ranks']):.0f} | {usd:.5f} |")
 
 
 if __name__ == "__main__":

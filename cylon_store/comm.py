@@ -24,16 +24,12 @@ import msgpack
 import numpy as np
 import pyarrow as pa
 
-import struct
-
-import xxhash
-
 from . import codec
 from . import keys as K
 from .errors import (AlreadyExistsError, ConfigError, ExchangeError, ExchangeTimeoutError,
-                     NotFoundError, RendezvousError, SchemaMismatchError, StoreError)
+                     IntegrityError, NotFoundError, RendezvousError, SchemaMismatchError, StoreError)
 from .retry import poll_delays
-from .store import Store, open_store
+from .store import MAX_KEY_BYTES, Store, open_store
 
 DEFAULT_TIMEOUT = float(os.environ.get("CYLON_STORE_TIMEOUT", "120"))
 _NOSCHEMA = b"cylon.noschema"
@@ -152,77 +148,24 @@ def _noschema_table() -> pa.Table:
 # Write-combined exchange: layout, request model, strategy choice
 # ---------------------------------------------------------------------------------------------
 
-_COMBINED_MAGIC = b"CYLXCMB1"
-STRATEGIES = ("auto", "direct", "combined")
-#: Backends that bill per request: there, fewer PUTs beat fewer round trips.
-REQUEST_PRICED = frozenset({"s3", "dynamodb"})
-
-
-def combined_header_size(world_size: int) -> int:
-    return 8 + 8 + 16 * world_size + 8
-
-
-def combined_header(sizes: list[int]) -> bytes:
-    """[magic][u64 P][P x (u64 offset, u64 length)][u64 xxh3 of what precedes]."""
-    P = len(sizes)
-    offset = combined_header_size(P)
-    entries = []
-    for n in sizes:
-        entries.append((offset, n))
-        offset += n
-    body = _COMBINED_MAGIC + struct.pack(f"<Q{2 * P}Q", P, *[x for e in entries for x in e])
-    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
-
-
-def parse_combined_header(buf, world_size: int, rank: int, where) -> tuple[int, int]:
-    from .errors import IntegrityError
-    raw = bytes(memoryview(buf))
-    if len(raw) != combined_header_size(world_size) or raw[:8] != _COMBINED_MAGIC:
-        raise IntegrityError("not a combined exchange object (bad header)", **where())
-    (digest,) = struct.unpack("<Q", raw[-8:])
-    if xxhash.xxh3_64_intdigest(raw[:-8]) != digest:
-        raise IntegrityError("combined exchange header checksum mismatch", **where())
-    (P,) = struct.unpack("<Q", raw[8:16])
-    if P != world_size:
-        raise IntegrityError(f"combined object is for {P} ranks, this world has {world_size}", **where())
-    return struct.unpack("<QQ", raw[16 + 16 * rank:32 + 16 * rank])
-
-
-def request_model(world_size: int, strategy: str) -> dict:
-    """Logical store requests of one exchange among ``world_size`` ranks, polling LISTs aside.
-
-    direct:   every sender PUTs P-1 objects, every receiver GETs and deletes P-1.
-    combined: every sender PUTs one object; every receiver GETs an index range and its slice
-              from each of the P-1 others; each sender deletes its object later (1 delete).
-    """
-    P = world_size
-    if P <= 1:
-        return {"put": 0, "get": 0, "delete": 0}
-    if strategy == "direct":
-        return {"put": P * (P - 1), "get": P * (P - 1), "delete": P * (P - 1)}
-    if strategy == "combined":
-        return {"put": P, "get": 2 * P * (P - 1), "delete": P}
-    raise ConfigError(f"unknown exchange strategy {strategy!r}")
-
-
-def request_cost_usd(requests: dict, put_per_1000: float = 0.005, get_per_1000: float = 0.0004) -> float:
-    """Dollars at S3 list prices (DELETE is free; LIST is billed like PUT)."""
-    return (requests.get("put", 0) + requests.get("list", 0)) * put_per_1000 / 1000 + \
-        requests.get("get", 0) * get_per_1000 / 1000
+# The byte layouts, routing and request model live in layout.py; re-exported here.
+from .layout import (REQUEST_PRICED, STRATEGIES, Grid, cheapest_strategy,  # noqa: E402,F401
+                     combined_header, combined_header_size, decode_tag, encode_tag, expect_slot,
+                     find_slot, parse_combined_header, parse_pieces, pieces_header,
+                     request_cost_usd, request_model, slot_range)
 
 
 def choose_strategy(exchange: str, store: Store, world_size: int) -> str:
     if exchange not in STRATEGIES:
         raise ConfigError(f"exchange must be one of {list(STRATEGIES)}, got {exchange!r}")
     if exchange != "auto":
-        if exchange == "combined" and not store.capabilities.byte_ranges:
-            raise ConfigError(f"exchange='combined' needs byte-range reads, which the "
+        if exchange in ("combined", "twolevel") and not store.capabilities.byte_ranges:
+            raise ConfigError(f"exchange={exchange!r} needs byte-range reads, which the "
                               f"{store.scheme}:// backend does not declare")
         return exchange
-    if store.scheme in REQUEST_PRICED and store.capabilities.byte_ranges and world_size >= 3:
-        # P PUTs + 2P(P-1) GETs instead of P(P-1) of each: at S3 prices (a PUT costs 12.5 GETs)
-        # that is cheaper from P = 3 on.
-        return "combined"
+    if store.scheme in REQUEST_PRICED and store.capabilities.byte_ranges:
+        # Fewer requests where each is billed (see layout.cheapest_strategy for the numbers).
+        return cheapest_strategy(world_size, store.scheme)
     return "direct"
 
 
@@ -449,20 +392,22 @@ class StoreCommunicator(Communicator):
                     self.store.adapter.notify(K.channel(self.job, self.token, d))
 
     def _receive(self, what: str, seq: int, srcs: list[int], dst: Optional[int], *,
-                 delete: bool, read: Optional[Callable[[str], pa.Table]] = None) -> dict[int, pa.Table]:
-        """Wait for the messages of ``srcs`` to ``dst`` (a rank, or None for shared objects),
-        read each as soon as it is visible, delete them if ``delete``."""
+                 delete: bool, read: Optional[Callable[[str], Any]] = None,
+                 prefixes: Optional[list[str]] = None) -> dict[int, Any]:
+        """Wait for the messages of ``srcs`` to ``dst`` (a rank, or None for shared objects;
+        ``prefixes`` overrides where to look), read each as soon as it is visible, delete them
+        if ``delete``."""
         pending = set(srcs)
-        out: dict[int, pa.Table] = {}
+        out: dict[int, Any] = {}
         if not pending:
             return out
-        prefix = K.inbox_prefix(self.job, self.token, seq, dst)
+        prefixes = prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)]
         deadline = time.monotonic() + self.timeout
         delays = poll_delays(cap=self.poll_cap)
         read_keys = []
         while pending:
             present = {}
-            for key in self.store.list(prefix):
+            for key in (k for prefix in prefixes for k in self.store.list(prefix)):
                 try:
                     mk = K.parse_msg_key(key)
                 except ValueError:
@@ -518,6 +463,8 @@ class StoreCommunicator(Communicator):
     def _exchange(self, seq, schema, parts):
         if self.strategy == "combined" and self.world_size > 1:
             return self._exchange_combined(seq, schema, parts)
+        if self.strategy == "twolevel" and self.world_size > 1:
+            return self._exchange_twolevel(seq, schema, parts)
         me, P = self.rank, self.world_size
         send_futs = []
         for d in range(P):
@@ -535,45 +482,143 @@ class StoreCommunicator(Communicator):
         self.stats["exchanges"] += 1
         return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
 
-    def _exchange_combined(self, seq, schema, parts):
-        """Write-combining: one object per sender holding every outgoing part behind an index;
-        each receiver reads the index range, then its own slice (two ranged GETs per pair)."""
-        me, P = self.rank, self.world_size
+    def _outgoing(self, schema, parts, d: int) -> pa.Table:
+        part = parts[d]
+        if part is None:
+            part = empty_like(schema) if schema is not None else _noschema_table()
+        self.stats["rows_sent"] += part.num_rows
+        return part
+
+    def _encode(self, table: pa.Table) -> list:
         o = self.store.options
-        encoded: list[list] = []
-        sizes = []
-        for d in range(P):
-            part = parts[d]
-            if d == me:
-                encoded.append([])
-                sizes.append(0)
-                continue
-            if part is None:
-                part = empty_like(schema) if schema is not None else _noschema_table()
-            self.stats["rows_sent"] += part.num_rows
-            chunks = list(codec.encode(part, compression=o.compression, segment_size=o.segment_size))
-            encoded.append(chunks)
-            sizes.append(sum(memoryview(c).nbytes for c in chunks))
-        header = combined_header(sizes)
-        key = K.msg_key(self.job, self.token, seq, None, me)
-        self.store.put_bytes(key, [header, *[c for chunks in encoded for c in chunks]])
+        return list(codec.encode(table, compression=o.compression, segment_size=o.segment_size))
+
+    def _put_combined(self, seq: int, targets: list[int], slots: list[list], *,
+                      group: Optional[str] = None) -> None:
+        """Write one combined object with a slot per rank of ``targets`` (slot = list of
+        buffers), its slot sizes in the key when they fit; notify the targets."""
+        sizes = [sum(memoryview(c).nbytes for c in chunks) for chunks in slots]
+        key = K.msg_key(self.job, self.token, seq, None, self.rank, group=group)
+        tagged = f"{key}-{encode_tag(sizes)}"
+        if len(tagged.encode()) <= MAX_KEY_BYTES:
+            key = tagged
+        self.store.put_bytes(key, [combined_header(sizes), *[c for chunks in slots for c in chunks]])
         self._shared.append((seq, key))
         if self._notify:
-            for d in range(P):
-                if d != me:
+            for d in targets:
+                if d != self.rank:
                     self.store.adapter.notify(K.channel(self.job, self.token, d))
-        del encoded
+
+    def _read_slot(self, key: str, targets: list[int]):
+        """This rank's slot of a combined object written for ``targets``: one ranged GET when
+        the key carries the slot sizes, else the header first."""
+        where = lambda: {"backend": self.store.scheme, "op": "exchange", "key": key}  # noqa: E731
+        index = find_slot(targets, self.rank, where)
+        tag = K.parse_msg_key(key).tag
+        if tag is not None:
+            sizes = decode_tag(tag)
+            if len(sizes) != len(targets):
+                raise IntegrityError(f"combined object has {len(sizes)} slots, expected "
+                                     f"{len(targets)}", **where())
+            offset, length = slot_range(sizes, index)
+        else:
+            offset, length = parse_combined_header(
+                self.store.get_bytes(key, (0, combined_header_size(len(targets)))),
+                len(targets), index, where)
+        return expect_slot(self.store.get_bytes(key, (offset, offset + length)), length, where)
+
+    def _exchange_combined(self, seq, schema, parts):
+        """Write-combining: one object per sender with a slot for every rank; each receiver
+        reads its slot of every other sender's object."""
+        me, P = self.rank, self.world_size
+        slots = [[] if d == me else self._encode(self._outgoing(schema, parts, d)) for d in range(P)]
+        self._put_combined(seq, list(range(P)), slots)
+        del slots
+        where = lambda key: {"backend": self.store.scheme, "op": "exchange", "key": key}  # noqa: E731
+        targets = list(range(P))
         got = self._receive("exchange", seq, [s for s in range(P) if s != me], None, delete=False,
-                            read=self._read_combined)
+                            read=lambda key: codec.decode(self._read_slot(key, targets),
+                                                          lambda: where(key)))
         self.stats["exchanges"] += 1
         return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
 
-    def _read_combined(self, key: str) -> pa.Table:
-        P, me = self.world_size, self.rank
-        hlen = combined_header_size(P)
-        where = lambda: {"backend": self.store.scheme, "op": "exchange", "key": key}  # noqa: E731
-        offset, length = parse_combined_header(self.store.get_bytes(key, (0, hlen)), P, me, where)
-        return codec.decode(self.store.get_bytes(key, (offset, offset + length)), where)
+    def _exchange_twolevel(self, seq, schema, parts):
+        """Two-level exchange on a sqrt(P) grid (layout.py): stage 1 along rows, stage 2 along
+        columns; pieces are forwarded as the encoded bytes they arrived as."""
+        me, P = self.rank, self.world_size
+        grid = Grid(P)
+        where = lambda key: {"backend": self.store.scheme, "op": "exchange", "key": key}  # noqa: E731
+        # (src, dst) -> encoded piece, grouped by the rank that forwards it
+        held: dict[int, list[tuple[int, int, Any]]] = {}
+        for d in range(P):
+            if d != me:
+                held.setdefault(grid.mid(me, d), []).append((me, d, self._encode(
+                    self._outgoing(schema, parts, d))))
+
+        def bundle(pieces):
+            pieces.sort(key=lambda p: (p[1], p[0]))
+            chunks = [pieces_header([(s, d, sum(memoryview(c).nbytes for c in body))
+                                     for s, d, body in pieces])]
+            for _, _, body in pieces:
+                chunks.extend(body)
+            return chunks
+
+        def read_bundle(key, targets):
+            return parse_pieces(self._read_slot(key, targets), lambda: where(key))
+
+        # Stage 1: one object for the ranks of my row (one per other column).
+        t1 = grid.stage1_targets(me)
+        row_key = K.row_group(grid.row(me))
+        if t1:
+            self._put_combined(seq, t1, [bundle(held.pop(m, [])) for m in t1], group=row_key)
+        srcs1 = grid.stage1_sources(me)
+        rows = sorted({grid.row(s) for s in srcs1})
+        got1 = self._receive(
+            "exchange", seq, srcs1, None, delete=False,
+            read=lambda key: read_bundle(key, grid.stage1_targets(K.parse_msg_key(key).src)),
+            prefixes=[K.group_prefix(self.job, self.token, seq, K.row_group(r)) for r in rows])
+        final: list[tuple[int, int, Any]] = []
+        forward: dict[int, list] = {}
+        for s, d, body in held.pop(me, []):
+            forward.setdefault(d, []).append((s, d, body))
+        for src in sorted(got1):
+            for s, d, buf in got1[src]:
+                if d == me:
+                    final.append((s, d, buf))
+                else:
+                    forward.setdefault(d, []).append((s, d, [buf]))
+        del got1
+        # Stage 2: one object for the other ranks of my column.
+        column = grid.column(me)
+        stray = set(forward) - set(column)
+        if stray:
+            raise IntegrityError(f"two-level exchange: rank {me} holds pieces for rank(s) "
+                                 f"{sorted(stray)} outside its column", backend=self.store.scheme,
+                                 op="exchange")
+        col_key = K.column_group(grid.col(me))
+        if column:
+            self._put_combined(seq, column, [bundle(forward.pop(d, [])) for d in column],
+                               group=col_key)
+        del forward
+        got2 = self._receive(
+            "exchange", seq, column, None, delete=False,
+            read=lambda key: read_bundle(key, grid.column(K.parse_msg_key(key).src)),
+            prefixes=[K.group_prefix(self.job, self.token, seq, col_key)])
+        for src in sorted(got2):
+            final.extend(got2[src])
+        del got2
+        got: dict[int, pa.Table] = {}
+        for s, d, buf in final:
+            if d != me or s in got or s == me or not 0 <= s < P:
+                raise IntegrityError(f"two-level exchange: unexpected piece {s}->{d} at rank {me}",
+                                     backend=self.store.scheme, op="exchange")
+            got[s] = codec.decode(buf, lambda: {"backend": self.store.scheme, "op": "exchange"})
+        missing = sorted(set(range(P)) - {me} - set(got))
+        if missing:
+            raise IntegrityError(f"two-level exchange: no piece from rank(s) {missing} reached "
+                                 f"rank {me}", backend=self.store.scheme, op="exchange")
+        self.stats["exchanges"] += 1
+        return self._assemble("exchange", seq, schema, parts[me], got, full_sync=True)
 
     def _assemble(self, what, seq, own_schema, own, got: dict, *, full_sync: bool):
         me, P = self.rank, self.world_size
@@ -777,7 +822,7 @@ def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, ren
 
 def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank: Optional[int] = None,
             world_size: Optional[int] = None, rendezvous=None, timeout: float = DEFAULT_TIMEOUT,
-            info: Optional[dict] = None, exchange: str = "auto", cancel=None,
+            info: Optional[dict] = None, exchange: Optional[str] = None, cancel=None,
             **options) -> Communicator:
     """Join ``job`` as one rank of ``world_size`` and return its Communicator.
 
@@ -786,11 +831,15 @@ def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank:
     slots, or an atomic counter where the backend has one).  ``mpi://`` and ``ucx://`` return a
     direct-transport communicator.  ``exchange`` picks the store exchange: ``"direct"`` (one
     object per sender and destination), ``"combined"`` (write-combining: one object per sender,
-    ranged reads) or ``"auto"`` (combined where requests are billed; see ``request_model``).
+    one ranged read per pair), ``"twolevel"`` (two rounds on a sqrt(P) grid: about 2P*sqrt(P)
+    requests) or ``"auto"`` (the default, or ``CYLON_STORE_EXCHANGE``): the cheapest in requests
+    where they are billed, else direct; see ``layout.py``.
     ``cancel`` (a ``threading.Event``) ends every wait of this rank early once set: a launcher
     running ranks as threads sets it when a sibling fails.
     """
     job = job if job is not None else os.environ.get("CYLON_STORE_JOB")
+    if exchange is None:
+        exchange = os.environ.get("CYLON_STORE_EXCHANGE") or "auto"
     if job is None:
         raise ConfigError("connect needs a job id (job=...) shared by all ranks of one run")
     K.validate_job(job)

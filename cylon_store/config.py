@@ -21,7 +21,7 @@ ENV_PREFIX = "CYLON_STORE_"
 #: Environment variables with this prefix that are not store options (launcher/rank plumbing).
 RESERVED_ENV = frozenset({
     "RANK", "WORLD_SIZE", "JOB", "URL", "TIMEOUT", "RESULT_DIR", "PAYLOAD", "LAUNCH_ID",
-    "RENDEZVOUS", "TEST_FAST", "BENCH_QUICK",
+    "RENDEZVOUS", "EXCHANGE", "TEST_FAST", "BENCH_QUICK",
 })
 #: Whole namespaces of such variables: the test suite and the benchmarks set their own knobs
 #: (``CYLON_STORE_TEST_BACKENDS``) in the environment every store of the process reads.

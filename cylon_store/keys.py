@@ -18,7 +18,8 @@ from .errors import ConfigError
 ROOT = "_cylon"
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _MSG_RE = re.compile(
-    r"^_cylon/(?P<job>[^/]+)/(?P<token>[0-9a-f]{16})/(?P<seq>\d{9})/(?P<dst>r\d{6}|all)/(?P<src>\d{6})$")
+    r"^_cylon/(?P<job>[^/]+)/(?P<token>[0-9a-f]{16})/(?P<seq>\d{9})/"
+    r"(?P<dst>r\d{6}|all|[hv]\d{6})/(?P<src>\d{6})(?:-(?P<tag>[0-9a-z]+(?:[./][0-9a-z]+)*))?$")
 
 
 def validate_job(job) -> str:
@@ -57,13 +58,28 @@ class MsgKey:
     job: str
     token: str
     seq: int
-    dst: Optional[int]   # None: an object for every rank ("all")
+    dst: Optional[int]   # None: an object for every rank ("all") or for a group
     src: int
+    group: Optional[str] = None   # "h000003" (row 3) / "v000002" (column 2) of the two-level exchange
+    tag: Optional[str] = None     # slot sizes of a combined object (see layout.encode_tag)
 
 
-def msg_key(job: str, token: str, seq: int, dst: Optional[int], src: int) -> str:
-    d = "all" if dst is None else f"r{dst:06d}"
-    return f"{ROOT}/{job}/{token}/{seq:09d}/{d}/{src:06d}"
+def msg_key(job: str, token: str, seq: int, dst: Optional[int], src: int, *,
+            group: Optional[str] = None, tag: Optional[str] = None) -> str:
+    d = group if group is not None else ("all" if dst is None else f"r{dst:06d}")
+    return f"{ROOT}/{job}/{token}/{seq:09d}/{d}/{src:06d}" + (f"-{tag}" if tag else "")
+
+
+def row_group(row: int) -> str:
+    return f"h{row:06d}"
+
+
+def column_group(col: int) -> str:
+    return f"v{col:06d}"
+
+
+def group_prefix(job: str, token: str, seq: int, group: str) -> str:
+    return f"{ROOT}/{job}/{token}/{seq:09d}/{group}/"
 
 
 def inbox_prefix(job: str, token: str, seq: int, dst: Optional[int]) -> str:
@@ -75,8 +91,10 @@ def parse_msg_key(key: str) -> MsgKey:
     m = _MSG_RE.match(key)
     if not m:
         raise ValueError(f"not a message key: {key!r}")
-    dst = None if m["dst"] == "all" else int(m["dst"][1:])
-    return MsgKey(m["job"], m["token"], int(m["seq"]), dst, int(m["src"]))
+    d = m["dst"]
+    dst = int(d[1:]) if d[0] == "r" else None
+    group = d if d[0] in "hv" else None
+    return MsgKey(m["job"], m["token"], int(m["seq"]), dst, int(m["src"]), group, m["tag"])
 
 
 def channel(job: str, token: str, dst: int) -> str:

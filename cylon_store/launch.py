@@ -33,11 +33,13 @@ _POLL = 0.02
 
 def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: str = "local",
            args: Sequence = (), job: Optional[str] = None, *, timeout: Optional[float] = None,
-           comm_timeout: Optional[float] = None, env: Optional[dict] = None) -> list:
+           comm_timeout: Optional[float] = None, env: Optional[dict] = None,
+           exchange: Optional[str] = None) -> list:
     """Run ``fn(comm, *args)`` on ``world_size`` ranks connected through ``store``.
 
     ``timeout`` bounds the whole launch (None: no bound); ``comm_timeout`` is each collective's
-    wait timeout inside the ranks.  Returns the ranks' return values in rank order.
+    wait timeout inside the ranks; ``exchange`` the store exchange strategy (see ``connect``).
+    Returns the ranks' return values in rank order.
     """
     if launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
@@ -59,14 +61,18 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
         if scheme in ("mpi", "ucx"):
             raise ConfigError(f"launcher='threads' runs ranks in one process, which {scheme}:// "
                               f"cannot: use launcher='mpi' (or 'local' for ucx://)")
-        return _launch_threads(fn, world_size, store, tuple(args), job, timeout, comm_timeout)
+        return _launch_threads(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
+                               exchange)
+    env = dict(env or {})
+    if exchange is not None:
+        env["CYLON_STORE_EXCHANGE"] = exchange
     return _launch_processes(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
-                             launcher, env or {})
+                             launcher, env)
 
 
 # -- threads --------------------------------------------------------------------------------
 
-def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout):
+def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout, exchange=None):
     from .comm import connect
     from .store import open_store
 
@@ -80,7 +86,7 @@ def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout):
         try:
             kw = {"timeout": comm_timeout} if comm_timeout else {}
             with connect(store, job=job, rank=rank, world_size=world_size, cancel=failed,
-                         **kw) as comm:
+                         exchange=exchange, **kw) as comm:
                 results[rank] = fn(comm, *args)
         except BaseException as exc:  # reported to the caller below
             errors[rank] = exc

@@ -38,7 +38,7 @@ def run_ranks(store, world, strategy, fn):
     return results
 
 
-@pytest.mark.parametrize("strategy", ["direct", "combined"])
+@pytest.mark.parametrize("strategy", ["direct", "combined", "twolevel"])
 @pytest.mark.parametrize("world", [2, 3, 8, 16])
 def test_requests_equal_model(store_url, strategy, world):
     store = cs.open_store(store_url)
@@ -86,8 +86,9 @@ def test_strategy_choice():
             choose_strategy("bogus", store, 8)
 
 
-@pytest.mark.parametrize("world", [3, 8])
-def test_combined_with_empty_and_skewed_parts(store_url, world):
+@pytest.mark.parametrize("strategy", ["combined", "twolevel"])
+@pytest.mark.parametrize("world", [3, 5, 8])
+def test_combined_with_empty_and_skewed_parts(store_url, world, strategy):
     store = cs.open_store(store_url)
     for skew in ("one_sender", "one_receiver", "empty"):
         plan = rows_plan(world, skew, scale=7)
@@ -101,6 +102,6 @@ def test_combined_with_empty_and_skewed_parts(store_url, world):
             assert all(t.num_rows == 0 for t in out)
             return True
 
-        assert run_ranks(store, world, "combined", fn) == [True] * world
+        assert run_ranks(store, world, strategy, fn) == [True] * world
     assert store.list("") == []
     store.close()
