@@ -345,6 +345,7 @@ class StoreCommunicator(Communicator):
         #: Longest sleep between two polls: short where a LIST is free (local disk, shared
         #: memory, Redis), longer where every LIST is billed.
         self.poll_cap = 0.1 if store.scheme in REQUEST_PRICED else 0.02
+        self.poll_first = 0.01 if store.scheme in REQUEST_PRICED else 0.001
         self._seq = 0
         self._failed: Optional[BaseException] = None
         self._closed = False
@@ -403,7 +404,7 @@ class StoreCommunicator(Communicator):
             return out
         prefixes = prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)]
         deadline = time.monotonic() + self.timeout
-        delays = poll_delays(cap=self.poll_cap)
+        delays = poll_delays(first=self.poll_first, cap=self.poll_cap)
         read_keys = []
         while pending:
             present = {}
