@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import threading
 import time
 import uuid
 
@@ -36,6 +37,22 @@ S3_PUT, S3_GET = 0.005 / 1000, 0.0004 / 1000
 DDB_WRU, DDB_RRU = 0.625 / 1e6, 0.125 / 1e6
 
 
+#: Set by run() for the threads launcher: ranks share one Store, so rank 0 alone reads its
+#: counters, between waits on this barrier (which costs no store request).
+_SHARED: dict = {}
+
+
+def _snapshot(comm):
+    sync = _SHARED.get("barrier")
+    if sync is None:
+        stats = comm.store.stats()
+        return {"requests": dict(stats["requests"]), **stats}
+    sync.wait()
+    stats = comm.store.stats() if comm.rank == 0 else {"requests": {}}
+    sync.wait()
+    return {"requests": dict(stats["requests"]), **stats}
+
+
 def rank(comm, total_bytes):
     P, me = comm.world_size, comm.rank
     rows = total_bytes // P // 16
@@ -44,11 +61,11 @@ def rank(comm, total_bytes):
     per = rows // P
     parts = [table.slice(d * per, per if d < P - 1 else rows - d * per) for d in range(P)]
     comm.barrier()
-    before = comm.store.stats()
+    before = _snapshot(comm)
     t0 = time.perf_counter()
     out = comm.exchange(parts)
     took = time.perf_counter() - t0
-    after = comm.store.stats()
+    after = _snapshot(comm)
     assert sum(t.num_rows for t in out) > 0 or rows == 0
     diff = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
     units = {k: after.get(k, 0) - before.get(k, 0)
@@ -77,6 +94,8 @@ def run(stores, ranks, gb, strategies=("direct", "combined", "twolevel"), launch
                                f"&region=us-east-1")
                     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
                     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+                    if launcher == "threads":
+                        _SHARED["barrier"] = threading.Barrier(P)
                     res = cs.launch(rank, P, store=url, args=(int(gb * 1e9),), launcher=launcher,
                                     comm_timeout=900, exchange=strategy)
                     req: dict = {}
