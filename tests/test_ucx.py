@@ -158,11 +158,15 @@ def test_rank_dies_mid_exchange(file_rdv):
 
 @pytest.mark.parametrize("mode, where", [("stall", "exchange"), ("stall-coll", "allgather"),
                                          ("noconnect", "rendezvous")])
-def test_late_rank_is_named(mode, where, file_rdv):
+def test_late_rank_is_named(mode, where, file_rdv, tmp_path):
     rdv, root = file_rdv
-    # (noconnect: ranks are given, so that the one that never comes is rank 2)
+    # (noconnect: ranks are given, so that the one that never comes is rank 2; --release: the
+    # late rank returns once the others have given up, instead of sleeping 2.5 timeouts)
+    release = tmp_path / "released"
+    release.mkdir()
     runs, _ = run_ranks(3, str(SCRIPTS / "faults.py"), ucx_url(rdv), mode, "--world", "3",
-                        "--timeout", "5", timeout=120, numbered=mode == "noconnect")
+                        "--timeout", "5", "--release", str(release), timeout=120,
+                        numbered=mode == "noconnect")
     timeouts = [r for r in results(runs) if "timeout" in r]
     assert len(timeouts) == 2, runs
     for line in timeouts:

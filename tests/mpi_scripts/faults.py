@@ -31,6 +31,20 @@ import pyarrow as pa
 import cylon_store as cs
 
 
+def stall(args, world: int) -> None:
+    """Take no part until every other rank has given up (or for 2.5 timeouts + 3 s)."""
+    deadline = time.monotonic() + args.timeout * 2.5 + 3
+    while time.monotonic() < deadline:
+        if args.release and len(os.listdir(args.release)) >= world - 1:
+            return
+        time.sleep(0.1)
+
+
+def gave_up(args, rank) -> None:
+    if args.release:
+        open(os.path.join(args.release, f"gave-up.{rank}"), "w").close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("url")
@@ -38,6 +52,9 @@ def main() -> int:
     ap.add_argument("--world", type=int, default=None)
     ap.add_argument("--job", default="faults")
     ap.add_argument("--timeout", type=float, default=5)
+    ap.add_argument("--release", default=None,
+                    help="directory where ranks that gave up leave a file; a stalled rank "
+                         "returns once every other rank has (instead of sleeping it out)")
     args = ap.parse_args()
     mode = args.mode
     t0 = time.monotonic()
@@ -62,7 +79,7 @@ def main() -> int:
         if rank == (args.world or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))) - 1:
             if args.url.startswith("mpi"):
                 from mpi4py import MPI  # noqa: F401  (MPI_Init waits for every process)
-            time.sleep(args.timeout * 2.5 + 3)  # never connects; the others give up before
+            stall(args, args.world or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
             print(f"RESULT rank={rank} stalled", flush=True)
             return 0
         explicit = {"rank": rank} if "FAULT_RANK" in os.environ else {}
@@ -73,6 +90,7 @@ def main() -> int:
         except cs.ExchangeTimeoutError as exc:
             print(f"RESULT rank={rank} timeout missing={exc.missing} "
                   f"after={time.monotonic() - t0:.1f}s msg={exc}", flush=True)
+            gave_up(args, rank)
             return 3
         return 0
 
@@ -121,7 +139,7 @@ def main() -> int:
             print(f"RESULT rank={me} no failure", flush=True)
         elif mode in ("stall", "stall-coll"):
             if me == last:
-                time.sleep(args.timeout * 2.5 + 3)  # the others give up before
+                stall(args, P)
                 print(f"RESULT rank={me} stalled", flush=True)
                 return 0
             if mode == "stall":
@@ -135,6 +153,7 @@ def main() -> int:
         print(f"RESULT rank={me} timeout missing={exc.missing} after={time.monotonic() - t0:.1f}s "
               f"msg={exc}", flush=True)
         comm.abort()
+        gave_up(args, me)
         return 3
     except cs.ExchangeError as exc:
         print(f"RESULT rank={me} error after={time.monotonic() - t0:.1f}s msg={exc}", flush=True)
