@@ -211,9 +211,30 @@ class Communicator(abc.ABC):
     def barrier(self) -> None:
         ...
 
-    @abc.abstractmethod
+    #: The first failure of a collective on this rank (it sticks), and whether close() ran.
+    _failed: Optional[BaseException] = None
+    _closed: bool = False
+
     def close(self) -> None:
-        ...
+        """Final barrier when healthy, then ``_release``; an error of that barrier is raised
+        after the release, so a failing close still leaves nothing behind."""
+        if self._closed:
+            return
+        first_error = None
+        if self._failed is None:
+            try:
+                self.barrier()
+            except BaseException as exc:  # still release, then report
+                first_error = exc
+        self._closed = True
+        self._release(healthy=first_error is None and self._failed is None)
+        if first_error is not None:
+            raise first_error
+
+    def _release(self, healthy: bool) -> None:
+        """Delete what this rank left behind and free its resources (``healthy``: every rank
+        passed the final barrier)."""
+        raise NotImplementedError
 
     def _check_root(self, root: int, what: str) -> None:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:
@@ -222,6 +243,9 @@ class Communicator(abc.ABC):
     def abort(self) -> None:
         """Close without the final synchronisation (after an error on this rank): delete what
         this rank left behind and release resources; other ranks fail at their timeout."""
+        if self._failed is None:
+            self._failed = ExchangeError(f"rank {self.rank} of job {self.job!r} aborted",
+                                         backend=getattr(self, "scheme", None))
         self.close()
 
     def __enter__(self):
@@ -255,6 +279,29 @@ def ranks_from_env(env=None) -> tuple[Optional[int], Optional[int]]:
         if rvar in env and svar in env:
             return int(env[rvar]), int(env[svar])
     return None, None
+
+
+def resolve_world(rank, world_size, timeout, *, what: str,
+                  max_world: Optional[int] = None) -> tuple[Optional[int], int]:
+    """Check ``timeout``; take rank and world size from the arguments, else the environment
+    (rank only when the world sizes agree); check both.  Rank may stay None (a claim decides)."""
+    if timeout is None or timeout <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    env_rank, env_size = ranks_from_env()
+    if world_size is None:
+        world_size = env_size
+    if rank is None and world_size == env_size:
+        rank = env_rank
+    if world_size is None:
+        raise ConfigError(f"{what}: world_size is unknown: pass world_size=..., or run under "
+                          f"cs.launch or mpirun")
+    top = max_world or float("inf")
+    if not isinstance(world_size, (int, np.integer)) or not 1 <= world_size <= top:
+        bound = f"an integer in [1, {max_world}]" if max_world else "a positive integer"
+        raise ConfigError(f"world_size must be {bound}, got {world_size!r}")
+    if rank is not None and (not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size):
+        raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}")
+    return rank, int(world_size)
 
 
 class StoreRendezvous:
@@ -716,30 +763,17 @@ class StoreCommunicator(Communicator):
         self._prune_shared(seq)
 
     # -- shutdown -----------------------------------------------------------------------
-    def abort(self) -> None:
-        if self._failed is None:
-            self._failed = ExchangeError(f"rank {self.rank} of job {self.job!r} aborted")
-        self.close()
+    @property
+    def scheme(self) -> str:
+        return self.store.scheme
 
-    def close(self) -> None:
-        """Final barrier (when healthy), then delete what this rank left in the store."""
-        if self._closed:
-            return
-        first_error = None
-        if self._failed is None:
-            try:
-                self.barrier()
-            except BaseException as exc:  # still clean up, then report
-                first_error = exc
-        self._closed = True
+    def _release(self, healthy: bool) -> None:
         try:
-            self._cleanup(healthy=first_error is None and self._failed is None)
+            self._cleanup(healthy)
         finally:
             self._pool.shutdown(wait=True)
             if self._own_store:
                 self.store.close()
-        if first_error is not None:
-            raise first_error
 
     def _cleanup(self, healthy: bool) -> None:
         store = self.store
@@ -855,20 +889,7 @@ def connect(url_or_store: Union[str, Store], *, job: Optional[str] = None, rank:
                                   f"'cylon-store[{scheme}]')") from exc
             return fn(url_or_store, job=job, rank=rank, world_size=world_size,
                       rendezvous=rendezvous, timeout=timeout, info=info, **options)
-    if timeout is None or timeout <= 0:
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    env_rank, env_size = ranks_from_env()
-    if world_size is None:
-        world_size = env_size
-    if rank is None and world_size == env_size:
-        rank = env_rank
-    if world_size is None:
-        raise ConfigError("world_size is unknown: pass world_size=..., or run under cs.launch or "
-                          "mpirun")
-    if not isinstance(world_size, (int, np.integer)) or world_size < 1:
-        raise ConfigError(f"world_size must be a positive integer, got {world_size!r}")
-    if rank is not None and (not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size):
-        raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}")
+    rank, world_size = resolve_world(rank, world_size, timeout, what="connect")
     own = not isinstance(url_or_store, Store)
     store = open_store(url_or_store, **options)
     try:

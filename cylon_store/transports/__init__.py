@@ -310,30 +310,11 @@ class DirectCommunicator(Communicator):
     def _shutdown(self, healthy: bool) -> None:
         raise NotImplementedError
 
-    # -- shutdown -----------------------------------------------------------------------
-    def close(self) -> None:
-        """Final barrier when healthy, then release endpoints and communicators."""
-        if self._closed:
-            return
-        first_error = None
-        if self._failed is None:
-            try:
-                self.barrier()
-            except BaseException as exc:  # still release, then report
-                first_error = exc
-        self._closed = True
-        self._shutdown(healthy=first_error is None and self._failed is None)
-        if first_error is not None:
-            raise first_error
-
-    def abort(self) -> None:
-        if self._failed is None:
-            self._failed = ExchangeError(f"rank {self.rank} of job {self.job!r} aborted",
-                                         backend=self.scheme)
-        self.close()
+    # -- shutdown: Communicator.close runs the final barrier, then _release ------------------
+    def _release(self, healthy: bool) -> None:
+        self._shutdown(healthy)
 
 
-@dataclass(frozen=True)
 class _NoOptions:
     pass
 

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import keys as K
-from ..comm import DEFAULT_TIMEOUT, _handshake, ranks_from_env
+from ..comm import DEFAULT_TIMEOUT, _handshake, resolve_world
 from ..config import Size, StoreOptions, build_options, option_names, split_url
 from ..errors import ConfigError, ExchangeError, StoreError
 from ..registry import option_classes_of_other_schemes
@@ -372,19 +372,7 @@ def connect(url: str, *, job: str, rank: Optional[int] = None, world_size: Optio
         options.setdefault("claim", rendezvous)
         rendezvous = None
     opts = _options(url, options)
-    if timeout is None or timeout <= 0:
-        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    env_rank, env_size = ranks_from_env()
-    if world_size is None:
-        world_size = env_size
-    if rank is None and world_size == env_size:
-        rank = env_rank
-    if world_size is None:
-        raise ConfigError("ucx:// needs world_size=... (or ranks from cs.launch / mpirun)")
-    if not isinstance(world_size, (int, np.integer)) or not 1 <= world_size <= MAX_WORLD:
-        raise ConfigError(f"world_size must be an integer in [1, {MAX_WORLD}], got {world_size!r}")
-    if rank is not None and (not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size):
-        raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}")
+    rank, world_size = resolve_world(rank, world_size, timeout, what="ucx://", max_world=MAX_WORLD)
     store_ref = rendezvous if rendezvous is not None else (
         opts.rendezvous or os.environ.get("CYLON_STORE_RENDEZVOUS"))
     if store_ref is None and world_size > 1:
