@@ -156,18 +156,9 @@ def test_exchange_all_types(store_url, world, store):
     assert_empty(store)
 
 
-@pytest.mark.parametrize("strategy", ["direct", "combined", "twolevel"])
-@pytest.mark.parametrize("world", [3, 5, 7])
-def test_exchange_strategies_all_types(store_url, world, strategy, store):
-    """Every strategy on every backend, ragged grids included (5 and 7 ranks on 3 columns)."""
-    for skew in ("uniform", "one_receiver"):
-        plan = rows_plan(world, skew, scale=9)
-        assert cs.launch(rank_exchange, world, store=store_url, launcher="threads",
-                         args=(plan, True, 2), comm_timeout=30, exchange=strategy) == list(range(world))
-    assert_empty(store)
-
-
 def test_twolevel_processes(store_url, store):
+    """Strategies under every launcher: ``exchange=`` travels to rank processes by environment
+    (the strategies themselves, with every skew and type: tests/test_exchange_model.py)."""
     plan = rows_plan(4, "uniform")
     assert cs.launch(rank_exchange, 4, store=store_url, args=(plan, True, 2), comm_timeout=60,
                      exchange="twolevel") == list(range(4))
