@@ -10,7 +10,8 @@ on every rank / worker; data generation and startup excluded):
 
 * join: left N rows (int64 key uniform in [0, 2M), float64), right M rows (keys 0..M-1 once
   each, float64); inner join on the key.  Ours twice: "join" with the default broadcast="auto"
-  (M = N/10 on 4 ranks sits at the measured break-even, where auto broadcasts the small side)
+  (M = N/10 on 4 ranks sits near the measured break-even; auto now shuffles there, as
+  ``--sweep`` found the shuffle join slightly faster at that ratio)
   and "join_shuffle", the hash-shuffle join of both sides that Dask's P2P merge also does.
 * groupby: N rows, key uniform in [0, G); sum, mean and count of a float64 column.
 * sort: N rows (random int64 key, float64 payload) sorted by the key.

@@ -283,13 +283,26 @@ class _Plan:
 
     # -- stages -------------------------------------------------------------------------
     def direct(self, table: pa.Table) -> pa.Table:
-        """pyarrow's own aggregation of whole rows (one rank, or rows already partitioned)."""
+        """The aggregation of whole rows (one rank, or rows already partitioned).
+
+        When the request shares partial states (sum, mean and count of one column need only a
+        sum and a count) and needs no per-group lists, the partial states are computed on the
+        rows and finished like combined ones, in one pass with fewer aggregations; otherwise
+        pyarrow's own aggregation.
+        """
+        if (not self.needs_groups and self.user_by
+                and len(self.partial_specs) < len(self.spec)):
+            return self._finish(self._partial_states(table), None, None)
         out = _aggregate(table, self.user_by, self.spec, use_threads=not self.ordered)
         if not self.user_by and table.num_rows == 0:
             return self.empty_result
         return out.cast(self.out_schema) if out.schema != self.out_schema else out
 
     def pre_aggregate(self, table: pa.Table) -> pa.Table:
+        """This rank's partial states (the first stage of the pre-aggregating plan)."""
+        return self._partial_states(table)
+
+    def _partial_states(self, table: pa.Table) -> pa.Table:
         if not self.user_by:
             table = table.append_column(_ALL, pa.array(np.zeros(table.num_rows, dtype=np.int8)))
         for name, (src, t) in self.derived.items():
@@ -317,13 +330,18 @@ class _Plan:
             specs.append((_ROW, _ROW, "list"))
         done = _aggregate(partials, self.by, specs, use_threads=not ordered)
         gid = None
-        G = done.num_rows
         if self.needs_groups:
             rows = done.column(_ROW)
             flat = pc.list_flatten(rows).to_numpy()
             parent = pc.list_parent_indices(rows).to_numpy()
             gid = np.empty(partials.num_rows, dtype=np.int64)
             gid[flat] = parent
+        return self._finish(done, partials, gid)
+
+    def _finish(self, done: pa.Table, partials: Optional[pa.Table], gid) -> pa.Table:
+        """The result columns from ``done`` (one row per group, the partial states combined);
+        ``partials`` and ``gid`` (each partial's group) only for std/var and count_distinct."""
+        G = done.num_rows
         if not self.user_by and done.num_rows == 0:
             return self.empty_result
         cols = [done.column(k) for k in self.user_by]

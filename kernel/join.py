@@ -24,9 +24,12 @@ __all__ = ["join", "local_join", "BROADCAST_THRESHOLD"]
 BROADCAST_THRESHOLD = int(os.environ.get("CYLON_STORE_BROADCAST_THRESHOLD", 64 << 20))
 #: Broadcast while small * (P - 1) <= BROADCAST_RATIO * large.  Bytes alone would say 1.0 (an
 #: allgather moves S(P-1), a shuffle (L+S)(P-1)/P), but every rank then builds the hash table of
-#: the whole small side: measured on 4 ranks (BENCHMARKS.md, kernel section, --sweep), the two break even
-#: around S/L = 0.1, i.e. S(P-1)/L = 0.3; broadcasting wins 1.5-2.5x below, loses up to 2x above.
-BROADCAST_RATIO = float(os.environ.get("CYLON_STORE_BROADCAST_RATIO", 0.3))
+#: the whole small side: measured on 4 ranks (BENCHMARKS.md, kernel section, --sweep), the two
+#: break even around S/L = 0.07-0.08 (4 sweeps: shuffle 0.84-0.97x the broadcast time at 0.1,
+#: 0.98-1.25x at 0.07, 1.17-1.4x at 0.05), i.e. S(P-1)/L = 0.25; broadcasting wins up to 2x
+#: below, loses up to 2x above.  (0.3 before the shuffle path got cheaper hashing and a
+#: copy-free two-table exchange.)
+BROADCAST_RATIO = float(os.environ.get("CYLON_STORE_BROADCAST_RATIO", 0.25))
 
 _HOW = {"inner": "inner", "left": "left outer", "right": "right outer", "outer": "full outer",
         "semi": "left semi", "anti": "left anti"}

@@ -46,13 +46,19 @@ _CANONICAL_NAN = np.array([np.nan], dtype=np.float64).view(np.uint64)[0]
 _BLOCK_ROWS = 1 << 20  # bounds the temporaries of the byte-string path
 
 
-def _fmix(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3 fmix64, in place on a uint64 array (returned for chaining)."""
-    x ^= x >> np.uint64(33)
+def _fmix(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """MurmurHash3 fmix64, in place on a uint64 array (returned for chaining); ``tmp`` is an
+    optional scratch array of the same shape (no temporaries are allocated then)."""
+    if tmp is None:
+        tmp = np.empty_like(x)
+    np.right_shift(x, np.uint64(33), out=tmp)
+    x ^= tmp
     x *= _M1
-    x ^= x >> np.uint64(33)
+    np.right_shift(x, np.uint64(33), out=tmp)
+    x ^= tmp
     x *= _M2
-    x ^= x >> np.uint64(33)
+    np.right_shift(x, np.uint64(33), out=tmp)
+    x ^= tmp
     return x
 
 
@@ -108,8 +114,12 @@ def _is_view(t: pa.DataType) -> bool:
     return t in (pa.string_view(), pa.binary_view())
 
 
-def _hash_words(words: np.ndarray) -> np.ndarray:
-    h = words.astype(np.uint64, copy=True) if words.dtype != np.uint64 else words.copy()
+def _hash_words(words: np.ndarray, owned: bool = False) -> np.ndarray:
+    """``fmix(word + C0)``; in place when ``owned`` (a fresh uint64 array nobody else uses)."""
+    if owned and words.dtype == np.uint64:
+        h = words
+    else:
+        h = words.astype(np.uint64, copy=True)
     h += C0
     return _fmix(h)
 
@@ -187,7 +197,8 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
             h += _hash_chunk(child)
             _fmix(h)
     elif pa.types.is_boolean(t):
-        h = _hash_words(arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint64))
+        h = _hash_words(arr.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint64),
+                        owned=True)
     elif pa.types.is_floating(t):
         if t == pa.float16():
             v = _values(arr, np.float16).astype(np.float64)
@@ -196,11 +207,14 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
         v[v == 0] = 0.0                            # -0.0 -> 0.0
         bits = v.view(np.uint64)
         bits[np.isnan(v)] = _CANONICAL_NAN
-        h = _hash_words(bits)
+        h = _hash_words(bits, owned=True)
     elif (dt := _int_like_storage(t)) is not None:
         v = _values(arr, dt)
-        words = v.astype(np.int64).view(np.uint64) if dt.kind == "i" else v.astype(np.uint64)
-        h = _hash_words(words)
+        if dt.itemsize == 8:   # the 64-bit word is the value's own bits: add C0 while copying
+            h = _fmix(np.add(v.view(np.uint64), C0))
+        else:                  # smaller ints sign-extend (unsigned zero-extend) to 64 bits
+            words = v.astype(np.uint64) if dt.kind == "u" else v.astype(np.int64).view(np.uint64)
+            h = _hash_words(words, owned=True)
     elif _is_bytes_like(t):
         if _is_view(t):
             arr = arr.cast(pa.large_string() if t == pa.string_view() else pa.large_binary())
@@ -229,7 +243,8 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
 
 
 def hash_array(arr) -> np.ndarray:
-    """uint64 hash of every value of an Array or ChunkedArray (see the module docstring)."""
+    """uint64 hash of every value of an Array or ChunkedArray (see the module docstring); always
+    a fresh array the caller owns."""
     if isinstance(arr, pa.ChunkedArray):
         if arr.num_chunks == 1:
             return _hash_chunk(arr.chunk(0))
@@ -239,21 +254,39 @@ def hash_array(arr) -> np.ndarray:
     return _hash_chunk(arr)
 
 
+_C4C3 = np.uint64((int(C4) * int(C3)) % (1 << 64))
+
+
 def hash_columns(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
     """Row hashes of ``table`` over the key ``columns`` (order matters)."""
-    h = np.full(table.num_rows, C4, dtype=np.uint64)
+    if not columns:
+        return np.full(table.num_rows, C4, dtype=np.uint64)
+    h = None
+    tmp = None
     for name in columns:
-        h *= C3
-        h += hash_array(table.column(name))
-        _fmix(h)
+        hc = hash_array(table.column(name))
+        if h is None:        # fmix(C4 * C3 + h_0), in place: hash_array's result is fresh
+            h = hc
+            h += _C4C3
+            tmp = np.empty_like(h)
+        else:
+            h *= C3
+            h += hc
+        _fmix(h, tmp)
     return h
 
 
 def destinations(hashes: np.ndarray, world_size: int) -> np.ndarray:
     """Destination rank of each hash: ``((h >> 32) * P) >> 32``, as the smallest unsigned type."""
-    d = (hashes >> np.uint64(32)) * np.uint64(world_size)
+    dtype = np.uint16 if world_size <= 1 << 16 else np.uint32
+    if world_size & (world_size - 1) == 0:
+        # P = 2**k: ((h >> 32) * 2**k) >> 32 is h >> (64 - k), one pass fewer over the hashes.
+        k = world_size.bit_length() - 1
+        return (hashes >> np.uint64(64 - k)).astype(dtype) if k else np.zeros(len(hashes), dtype)
+    d = hashes >> np.uint64(32)
+    d *= np.uint64(world_size)
     d >>= np.uint64(32)
-    return d.astype(np.uint16 if world_size <= 1 << 16 else np.uint32)
+    return d.astype(dtype)
 
 
 def split_by_destination(table: pa.Table, dest: np.ndarray, world_size: int) -> list[pa.Table]:

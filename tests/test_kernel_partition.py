@@ -207,3 +207,61 @@ def test_slices_and_chunks_hash_like_the_whole(values, kind, data):
     by_value = {}
     for v, h in zip(values, whole.tolist()):
         assert by_value.setdefault(v, h) == h
+
+
+def test_hash_columns_is_the_definition():
+    # hash_columns works in place on fresh arrays: it must still be h = fmix(h * C3 + h_col)
+    # from h = C4, column by column, and must not write into the table's own buffers.
+    rng = np.random.default_rng(3)
+    a = rng.integers(-2**63, 2**63 - 1, 5000, dtype=np.int64)
+    t = pa.table({"a": a, "b": pa.array(rng.integers(-9, 9, 5000).astype(np.int16)),
+                  "c": pa.array(rng.random(5000), mask=rng.random(5000) < 0.1)})
+    before = a.copy()
+    mask = np.uint64(2**64 - 1)
+    for cols in (["a"], ["b", "c"], ["c", "a", "b"]):
+        want = [int(P.C4)] * t.num_rows
+        for c in cols:
+            hc = P.hash_array(t.column(c)).tolist()
+            want = [(w * int(P.C3) + x) & int(mask) for w, x in zip(want, hc)]
+            want = P._fmix(np.array(want, dtype=np.uint64)).tolist()
+        assert P.hash_columns(t, cols).tolist() == want
+    assert (t.column("a").to_numpy() == before).all()
+    assert (P.hash_columns(t.slice(0, 0), ["a"]) == np.zeros(0, np.uint64)).all()
+
+
+def test_argsort_stable_is_numpys():
+    # The sort kernel's bucketed argsort must give exactly numpy's stable order (ties in row
+    # order) for every numeric distribution, including the float corner cases.
+    from cylon_store.kernel.sort import _BUCKET_MIN_ROWS, argsort_stable
+    rng = np.random.default_rng(5)
+    n = _BUCKET_MIN_ROWS * 2 + 17
+    f = rng.normal(size=n) * 1e6
+    for frac, val in ((0.05, np.nan), (0.05, -0.0), (0.05, 0.0), (0.01, np.inf), (0.01, -np.inf)):
+        f[rng.random(n) < frac] = val
+    f[:50] = -np.nan
+    halfzero = rng.integers(0, 1 << 40, n)
+    halfzero[rng.random(n) < 0.5] = 0
+    cases = {
+        "uniform": rng.integers(0, 1 << 62, n), "full": rng.integers(-2**63, 2**63 - 1, n),
+        "few": rng.integers(-5, 5, n), "int16": rng.integers(-300, 300, n).astype(np.int16),
+        "int32": rng.integers(-2**31, 2**31 - 1, n).astype(np.int32),
+        "uint64": rng.integers(0, 2**64 - 1, n, dtype=np.uint64),
+        "zipf": rng.zipf(1.5, n).astype(np.int64), "constant": np.full(n, 7),
+        "halfzero": halfzero, "float64": f, "float32": f.astype(np.float32), "negated": -f,
+        "sorted": np.arange(n), "reversed": np.arange(n)[::-1].copy(),
+    }
+    for name, v in cases.items():
+        got = argsort_stable(v)
+        assert np.array_equal(got, np.argsort(v, kind="stable")), name
+
+
+def test_destinations_formula_for_every_world_size():
+    # Powers of two take a one-shift path; every world size must match the documented formula.
+    rng = np.random.default_rng(8)
+    h = rng.integers(0, 2**64 - 1, 20000, dtype=np.uint64)
+    h[:5] = [0, 2**64 - 1, 2**63, 2**32 - 1, 2**32]
+    for world in (1, 2, 3, 4, 5, 8, 12, 16, 1024, 1 << 16, (1 << 16) + 1):
+        want = ((h >> np.uint64(32)) * np.uint64(world)) >> np.uint64(32)
+        got = P.destinations(h, world)
+        assert got.dtype == (np.uint16 if world <= 1 << 16 else np.uint32)
+        assert (got == want).all(), world
