@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README and of CI: installs what the tests need, then runs them all.
-# Extra arguments go to pytest (e.g. ./scripts/test.sh -k exchange -x).
+# Extra arguments go to pytest (e.g. ./scripts/test.sh -k exchange -x);
+# CYLON_STORE_TEST_WORKERS sets the number of pytest-xdist workers (default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,4 +13,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $SUDO apt-get update -q && $SUDO apt-get install -y -q redis-server
 fi
 
-exec python -m pytest -q "$@"
+# Two pytest-xdist workers: much of the suite waits on servers, rank processes and timeouts,
+# so two workers use a 2-core machine better than one (each starts its own servers).
+exec python -m pytest -q -n "${CYLON_STORE_TEST_WORKERS:-2}" "$@"

@@ -53,7 +53,10 @@ def pytest_sessionfinish(session, exitstatus):
         except Exception:
             pass
     # memory://t-...?shared=true stores that tests opened across processes live in /dev/shm
-    # until removed: the suite removes the ones it named.
+    # until removed: the suite removes the ones it named — once every test is done, i.e. not
+    # in a pytest-xdist worker (others may still use theirs) but in the controller.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     import glob
     import shutil
     for path in glob.glob("/dev/shm/cylon-store/t-*"):
