@@ -17,10 +17,12 @@ import cylon_store as cs
 COMM_TIMEOUT = 30.0
 
 
-def run_ranks(fn, world_size: int, store_url: str, *args, capture: bool = False):
+def run_ranks(fn, world_size: int, store_url: str, *args, capture: bool = False,
+              exchange=None):
     """Run ``fn(comm, *args)`` on ``world_size`` thread ranks over ``store_url``; return each
     rank's value in rank order.  With ``capture``, return ("ok", value) or ("err", exception)
-    per rank instead of raising (to check that every rank raises alike)."""
+    per rank instead of raising (to check that every rank raises alike); ``exchange`` pins the
+    store exchange strategy."""
     if not capture:
         body = fn
     else:
@@ -36,7 +38,7 @@ def run_ranks(fn, world_size: int, store_url: str, *args, capture: bool = False)
     if launch is not None:
         return launch(body, world_size, store=store_url, launcher="threads", args=args,
                       job=f"k-{uuid.uuid4().hex[:10]}", timeout=4 * COMM_TIMEOUT,
-                      comm_timeout=COMM_TIMEOUT)
+                      comm_timeout=COMM_TIMEOUT, exchange=exchange)
     return _run_threads(body, world_size, store_url, args)
 
 

@@ -513,3 +513,33 @@ def test_exchange_many_packing_round_trips_every_layout():
         got = _unnest(back, 0, t.schema)
         assert (pa.concat_tables(got) if got else t.schema.empty_table()).equals(part)
         assert pa.concat_tables(_unnest(back, 1, other.schema)).equals(other.slice(1))
+
+
+# -- every exchange strategy ---------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["direct", "combined", "twolevel"])
+def test_operators_over_every_exchange_strategy(tmp_path, strategy):
+    """Join, groupby, sort and unique through each store exchange (5 ranks: a two-level grid
+    with a short last row), against the single-process results."""
+    url = f"file://{tmp_path}/store?fsync=false"
+    world = 5
+    left = random_table(400, seed=60, key_kinds=("int64", "string"), cardinality=25)
+    right = random_table(300, seed=61, key_kinds=("int64", "string"), cardinality=25)
+    lp, rp = split_rows(left, world, seed=62), split_rows(right, world, how="first")
+    aggs = [("v", "sum"), ("x", "mean"), ("v", "count")]
+    sort_keys = [("k1", "ascending"), ("k0", "descending"), ("x", "ascending")]
+
+    def fn(comm):
+        me = comm.rank
+        return (K.join(comm, lp[me], rp[me], on=["k0", "k1"], how="outer", broadcast=False),
+                K.groupby(comm, lp[me], by="k1", aggs=aggs),
+                K.sort(comm, lp[me], by=sort_keys),
+                K.unique(comm, lp[me], on=["k0"]), comm.strategy)
+
+    out = run_ranks(fn, world, url, exchange=strategy)
+    assert {o[4] for o in out} == {strategy}
+    assert_same_rows(concat([o[0] for o in out]), local_join(left, right, ["k0", "k1"],
+                                                             ["k0", "k1"], "outer"))
+    assert_same_rows(concat([o[1] for o in out]), _pyarrow_groupby(left, ["k1"], aggs), by=["k1"])
+    assert concat([o[2] for o in out]).equals(_stable_sort(left, sort_keys))
+    assert_same_rows(concat([o[3] for o in out]), local_unique(left, ["k0"]))
