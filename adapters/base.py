@@ -164,13 +164,15 @@ class BlobAdapter:
         """Release clients and pools. Idempotent."""
 
     # -- optional, by capability --------------------------------------------------------
-    def notify(self, channel: str) -> None:
-        """Leave a wake-up token on ``channel`` (tokens persist until a ``wait`` takes them)."""
+    def notify(self, channel: str, message: bytes = b"") -> None:
+        """Leave ``message`` on ``channel`` (messages persist until a ``wait`` takes them; the
+        communicator sends the key of what it just wrote, so receivers need not LIST)."""
         raise NotSupportedError("blocking notification is not available; waiters poll",
                                 backend=self.scheme, op="notify")
 
-    def wait(self, channel: str, timeout: float) -> bool:
-        """Take the tokens on ``channel``; block up to ``timeout`` s for one. False on timeout."""
+    def wait(self, channel: str, timeout: float) -> list:
+        """Take every message on ``channel`` (bytes, in the order left), blocking up to
+        ``timeout`` s for the first; ``[]`` on timeout."""
         raise NotSupportedError("blocking notification is not available; waiters poll",
                                 backend=self.scheme, op="wait")
 

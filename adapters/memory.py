@@ -39,7 +39,7 @@ class _State:
     def __init__(self):
         self.lock = threading.Condition()
         self.objects: dict[str, tuple[pa.Buffer, str]] = {}
-        self.tokens: dict[str, int] = {}
+        self.tokens: dict[str, list[bytes]] = {}
         self.counters: dict[str, int] = {}
 
 
@@ -160,23 +160,22 @@ class MemoryAdapter(BlobAdapter):
         return [ObjectMeta(k, b.size, ver) for k, (b, ver) in items]
 
     # -- notification and counter -------------------------------------------------------
-    def notify(self, channel: str) -> None:
+    def notify(self, channel: str, message: bytes = b"") -> None:
         if self._shared:
-            return super().notify(channel)
+            return super().notify(channel, message)
         st = self._state
         with st.lock:
-            st.tokens[channel] = st.tokens.get(channel, 0) + 1
+            st.tokens.setdefault(channel, []).append(bytes(message))
             st.lock.notify_all()
 
-    def wait(self, channel: str, timeout: float) -> bool:
+    def wait(self, channel: str, timeout: float) -> list:
         if self._shared:
             return super().wait(channel, timeout)
         st = self._state
         with st.lock:
             if not st.tokens.get(channel):
-                st.lock.wait_for(lambda: st.tokens.get(channel, 0) > 0, timeout=max(0.0, timeout))
-            got = st.tokens.pop(channel, 0)
-        return got > 0
+                st.lock.wait_for(lambda: bool(st.tokens.get(channel)), timeout=max(0.0, timeout))
+            return st.tokens.pop(channel, [])
 
     def incr(self, key: str) -> int:
         if self._shared:

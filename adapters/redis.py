@@ -813,36 +813,41 @@ class RedisAdapter(BlobAdapter):
         return list(found.values())
 
     # -- notification and counter ---------------------------------------------------------------
-    def notify(self, channel: str) -> None:
+    def notify(self, channel: str, message: bytes = b"") -> None:
         if not self.capabilities.notification:
-            return super().notify(channel)
+            return super().notify(channel, message)
         ch = self.keys.channel(channel)
 
         def once():
             with self._session(ch, "notify", channel) as s:
                 p = Packer()
-                p.command(b"RPUSH", ch, b"1")
+                p.command(b"RPUSH", ch, bytes(message))
                 if self.config.ttl is not None:
                     p.command(b"PEXPIRE", ch, int(self.config.ttl * 1000))
                 s.batch(p)
-        _retry_transient(once)  # an extra token only costs a spurious wake-up
+        _retry_transient(once)  # a duplicate message is harmless: receivers dedupe
 
-    def wait(self, channel: str, timeout: float) -> bool:
+    def wait(self, channel: str, timeout: float) -> list:
+        """BLPOP for the first message, then take the rest in one transaction (LRANGE + DEL),
+        all in one round trip.  A connection lost after the server ran it loses the messages:
+        the communicator LISTs as a fallback, so they only cost time."""
         if not self.capabilities.notification:
             return super().wait(channel, timeout)
         ch = self.keys.channel(channel)
 
         def once():
             with self._session(ch, "wait", channel) as s:
-                if timeout <= 0:
-                    return bool(s.call(b"DEL", ch))
-                # BLPOP then DEL in one round trip: the DEL runs when BLPOP returns and takes
-                # the tokens that piled up, so one wake-up answers them all.
                 p = Packer()
-                p.command(b"BLPOP", ch, b"%.3f" % max(timeout, 0.001))
+                if timeout > 0:
+                    p.command(b"BLPOP", ch, b"%.3f" % max(timeout, 0.001))
+                p.command(b"MULTI")
+                p.command(b"LRANGE", ch, 0, -1)
                 p.command(b"DEL", ch)
-                popped, deleted = s.batch(p, read_timeout=timeout + self.config.socket_timeout)
-                return popped is not None or bool(deleted)
+                p.command(b"EXEC")
+                replies = s.batch(p, read_timeout=max(timeout, 0) + self.config.socket_timeout)
+                first = [replies[0][1]] if timeout > 0 and replies[0] is not None else []
+                rest = replies[-1][0] if replies[-1] else []
+                return [bytes(m) for m in first + list(rest)]
         return _retry_transient(once)
 
     def incr(self, key: str) -> int:

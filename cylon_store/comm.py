@@ -401,6 +401,9 @@ class StoreCommunicator(Communicator):
                                         thread_name_prefix=f"cylon-r{rank}")
         self._notify = store.capabilities.notification
         self._inbox = K.channel(job, token, rank)
+        #: Keys announced on our channel and not yet read (where the backend notifies, a
+        #: receiver learns what arrived from these instead of LISTing; LIST stays the fallback).
+        self._mailbox: set[str] = set()
         self.stats = {"exchanges": 0, "rows_sent": 0, "rows_received": 0}
         #: Set by a launcher that runs ranks as threads: a failed sibling ends our waits now.
         self.cancel_event = None
@@ -433,11 +436,15 @@ class StoreCommunicator(Communicator):
 
     def _put(self, key: str, table: pa.Table, dst: Optional[int]) -> None:
         self.store.put(key, table)
+        self._announce(key, range(self.world_size) if dst is None else [dst])
+
+    def _announce(self, key: str, targets) -> None:
+        """Tell each target (but us) that ``key`` is readable now."""
         if self._notify:
-            targets = range(self.world_size) if dst is None else [dst]
+            message = key.encode()
             for d in targets:
                 if d != self.rank:
-                    self.store.adapter.notify(K.channel(self.job, self.token, d))
+                    self.store.adapter.notify(K.channel(self.job, self.token, d), message)
 
     def _receive(self, what: str, seq: int, srcs: list[int], dst: Optional[int], *,
                  delete: bool, read: Optional[Callable[[str], Any]] = None,
@@ -449,13 +456,22 @@ class StoreCommunicator(Communicator):
         out: dict[int, Any] = {}
         if not pending:
             return out
-        prefixes = prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)]
+        prefixes = tuple(prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)])
         deadline = time.monotonic() + self.timeout
         delays = poll_delays(first=self.poll_first, cap=self.poll_cap)
         read_keys = []
+        if self._notify:   # announcements of finished collectives are stale
+            self._mailbox = {k for k in self._mailbox if _seq_of(k) >= seq}
+        listed_at = time.monotonic()
+        must_list = not self._notify
         while pending:
             present = {}
-            for key in (k for prefix in prefixes for k in self.store.list(prefix)):
+            if must_list:
+                candidates = [k for prefix in prefixes for k in self.store.list(prefix)]
+                listed_at, must_list = time.monotonic(), not self._notify
+            else:
+                candidates = [k for k in self._mailbox if k.startswith(prefixes)]
+            for key in candidates:
                 try:
                     mk = K.parse_msg_key(key)
                 except ValueError:
@@ -476,6 +492,7 @@ class StoreCommunicator(Communicator):
                             backend=self.store.scheme) from exc
                     pending.discard(src)
                     read_keys.append(present[src])
+                    self._mailbox.discard(present[src])
                 continue
             if self.cancel_event is not None and self.cancel_event.is_set():
                 raise ExchangeError(f"{what} {seq} of job {self.job!r}: cancelled on rank "
@@ -488,7 +505,14 @@ class StoreCommunicator(Communicator):
                     f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
             if self._notify:
-                self.store.adapter.wait(self._inbox, min(remaining, 0.25))
+                got = self.store.adapter.wait(self._inbox, min(remaining, 0.25))
+                if isinstance(got, list):
+                    self._mailbox.update(m.decode() for m in got if m)
+                else:   # an adapter whose wait only wakes us up
+                    must_list = True
+                # Safety net: announcements lost with a broken connection cost one LIST a second.
+                if time.monotonic() - listed_at > LIST_FALLBACK:
+                    must_list = True
             else:
                 time.sleep(min(remaining, next(delays)))
         if delete and read_keys:
@@ -552,10 +576,7 @@ class StoreCommunicator(Communicator):
             key = tagged
         self.store.put_bytes(key, [combined_header(sizes), *[c for chunks in slots for c in chunks]])
         self._shared.append((seq, key))
-        if self._notify:
-            for d in targets:
-                if d != self.rank:
-                    self.store.adapter.notify(K.channel(self.job, self.token, d))
+        self._announce(key, targets)
 
     def _read_slot(self, key: str, targets: list[int]):
         """This rank's slot of a combined object written for ``targets``: one ranged GET when
@@ -799,9 +820,20 @@ class StoreCommunicator(Communicator):
                 pass
         if self._notify:
             try:
-                store.adapter.wait(self._inbox, 0)  # drain wake-up tokens left for us
+                store.adapter.wait(self._inbox, 0)  # drain announcements left for us
             except StoreError:
                 pass
+
+
+#: Seconds a notified receiver waits on announcements alone before it LISTs once anyway.
+LIST_FALLBACK = 1.0
+
+
+def _seq_of(key: str) -> int:
+    try:
+        return K.parse_msg_key(key).seq
+    except ValueError:
+        return -1
 
 
 def _handshake(store: Store, job: str, rank: Optional[int], world_size: int, rendezvous,

@@ -436,3 +436,32 @@ def test_plain_mpirun_script(tmp_path):
     assert lines == [f"rank {r} of 4 got [0, 1, 2, 3]" for r in range(4)]
     with cs.open_store(f"file://{tmp_path}/store") as s:
         assert s.list("") == []
+
+
+# -- announced keys (backends with notification) -----------------------------------------------
+
+def rank_counts_lists(comm, plan):
+    comm.barrier()
+    before = comm.store.stats()["requests"].get("list", 0)
+    rank_exchange(comm, plan, False, 3)
+    return comm.store.stats()["requests"].get("list", 0) - before
+
+
+def test_announced_keys_replace_listing(store_url, store):
+    """Where the backend notifies, receivers read the keys announced to them: no LIST at all
+    (elsewhere they LIST their inbox)."""
+    plan = rows_plan(4, "uniform", scale=5)
+    lists = cs.launch(rank_counts_lists, 4, store=store_url, launcher="threads", args=(plan,),
+                      comm_timeout=30)
+    assert (lists[0] == 0) == store.capabilities.notification, lists
+
+
+def test_lost_announcements_are_covered_by_listing(monkeypatch):
+    """Announcements that never arrive (a broken connection ate them) cost a LIST a second,
+    not the exchange."""
+    from cylon_store.adapters.memory import MemoryAdapter
+    monkeypatch.setattr(MemoryAdapter, "notify", lambda self, channel, message=b"": None)
+    monkeypatch.setattr("cylon_store.comm.LIST_FALLBACK", 0.2)
+    plan = rows_plan(3, "uniform", scale=5)
+    assert cs.launch(rank_exchange, 3, store="memory://", launcher="threads",
+                     args=(plan, False, 2), comm_timeout=30) == [0, 1, 2]

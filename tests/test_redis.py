@@ -275,16 +275,16 @@ def test_blocking_wakeup(url, server):
     with cs.open_store(url) as store:
         a = store.adapter
         t0 = time.monotonic()
-        assert a.wait("ch", 0) is False and time.monotonic() - t0 < 0.5   # drains, never blocks
-        threading.Timer(0.3, a.notify, args=("ch",)).start()
+        assert a.wait("ch", 0) == [] and time.monotonic() - t0 < 0.5   # drains, never blocks
+        threading.Timer(0.3, a.notify, args=("ch", b"key/1")).start()
         t0 = time.monotonic()
-        assert a.wait("ch", 10) is True
+        assert a.wait("ch", 10) == [b"key/1"]
         assert 0.2 < time.monotonic() - t0 < 3, "woken by the notification, not the timeout"
-        for _ in range(5):
-            a.notify("ch")
-        assert a.wait("ch", 0) is True       # one wait takes every token
-        assert a.wait("ch", 0.05) is False
-        assert a.wait("ch", 0) is False
+        for i in range(5):
+            a.notify("ch", b"k%d" % i)
+        assert a.wait("ch", 10) == [b"k0", b"k1", b"k2", b"k3", b"k4"]   # one wait takes all
+        assert a.wait("ch", 0.05) == []
+        assert a.wait("ch", 0) == []
     assert redis_keys(server.client(), prefix_of(url)) == []
 
 

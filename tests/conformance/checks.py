@@ -564,8 +564,12 @@ def check_capabilities(store_url):
         adapter = store.adapter
         if caps.notification:
             adapter.notify("cap-ch")
-            assert adapter.wait("cap-ch", 5.0) is True
-            assert adapter.wait("cap-ch", 0.01) is False
+            assert adapter.wait("cap-ch", 5.0) == [b""]
+            assert adapter.wait("cap-ch", 0.01) == []
+            for m in (b"a/1", b"b", b"a/1"):      # messages kept in order, duplicates too
+                adapter.notify("cap-ch", m)
+            assert adapter.wait("cap-ch", 0) == [b"a/1", b"b", b"a/1"]
+            assert adapter.wait("cap-ch", 0) == []
         else:
             with pytest.raises(cs.NotSupportedError):
                 adapter.notify("cap-ch")
