@@ -55,13 +55,19 @@ def _hwm_mib() -> float:
     return _peak_mib()
 
 
-def bench_rank(comm, total_bytes: int, plain_dir: str):
+def rank_parts(comm, total_bytes: int) -> list:
+    """This rank's share of ``total_bytes`` (int64 key, float64 value), one slice per rank."""
     P, me = comm.world_size, comm.rank
     rows = total_bytes // P // 16
     rng = np.random.default_rng(me)
     table = pa.table({"k": rng.integers(0, 1 << 62, rows), "v": rng.random(rows)})
     per = rows // P
-    parts = [table.slice(d * per, per if d < P - 1 else rows - d * per) for d in range(P)]
+    return [table.slice(d * per, per if d < P - 1 else rows - d * per) for d in range(P)]
+
+
+def bench_rank(comm, total_bytes: int, plain_dir: str):
+    P, me = comm.world_size, comm.rank
+    parts = rank_parts(comm, total_bytes)
     crossing = sum(p.nbytes for d, p in enumerate(parts) if d != me)
 
     comm.barrier()
@@ -98,7 +104,7 @@ def bench_rank(comm, total_bytes: int, plain_dir: str):
         if s != me:
             os.unlink(os.path.join(plain_dir, f"{s}-{me}.arrow"))
     return {"cylon": cylon, "plain": plain, "crossing": crossing, "received": received,
-            "peak_mib": peak, "share_mib": (table.nbytes / 2**20)}
+            "peak_mib": peak, "share_mib": sum(p.nbytes for p in parts) / 2**20}
 
 
 def run(ranks, gb, stores, directory):

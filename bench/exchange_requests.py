@@ -25,12 +25,11 @@ import time
 import uuid
 
 import boto3
-import numpy as np
-import pyarrow as pa
 
 import cylon_store as cs
 from cylon_store.comm import request_model
 
+from .exchange import rank_parts
 from .s3_bench import LocalMoto
 
 S3_PUT, S3_GET = 0.005 / 1000, 0.0004 / 1000
@@ -54,19 +53,15 @@ def _snapshot(comm):
 
 
 def rank(comm, total_bytes):
-    P, me = comm.world_size, comm.rank
-    rows = total_bytes // P // 16
-    rng = np.random.default_rng(me)
-    table = pa.table({"k": rng.integers(0, 1 << 62, rows), "v": rng.random(rows)})
-    per = rows // P
-    parts = [table.slice(d * per, per if d < P - 1 else rows - d * per) for d in range(P)]
+    me = comm.rank
+    parts = rank_parts(comm, total_bytes)
     comm.barrier()
     before = _snapshot(comm)
     t0 = time.perf_counter()
     out = comm.exchange(parts)
     took = time.perf_counter() - t0
     after = _snapshot(comm)
-    assert sum(t.num_rows for t in out) > 0 or rows == 0
+    assert sum(t.num_rows for t in out) > 0 or sum(p.num_rows for p in parts) == 0
     diff = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
     units = {k: after.get(k, 0) - before.get(k, 0)
              for k in ("dynamodb.write_units", "dynamodb.read_units")}

@@ -28,9 +28,6 @@ import argparse
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 import cylon_store as cs
+
+from .redis_bench import LocalRedis
 
 QUICK = {"join_left": 2_000_000, "join_right": 200_000, "groupby_rows": 2_000_000,
          "groups": 200_000, "sort_rows": 2_000_000}
@@ -170,46 +169,6 @@ def bench_rank(comm, op: str, sizes: dict, repeat: int):
 
 
 # -- our runs -----------------------------------------------------------------------------------
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port (stopped by its PID)."""
-
-    def __init__(self):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found (apt-get install redis-server)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir = tempfile.mkdtemp(prefix="kbench-redis-")
-        self.proc = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--dir", self.dir,
-                                      "--protected-mode", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
 
 def run_ours(store: str, url: str, op: str, sizes: dict, ranks: int, repeat: int):
     results = cs.launch(bench_rank, ranks, store=url, launcher="local",
@@ -349,7 +308,7 @@ def main(argv=None) -> int:
           f"best of {repeat}; {platform.node()} {os.cpu_count()} cpus, python "
           f"{platform.python_version()}, pyarrow {pa.__version__}", flush=True)
 
-    redis_server: Optional[RedisServer] = None
+    redis_server: Optional[LocalRedis] = None
     tmp = tempfile.mkdtemp(prefix="kbench-file-")
     urls = {}
     for s in stores:
@@ -362,7 +321,7 @@ def main(argv=None) -> int:
                 urls[s] = args.redis_url
             else:
                 try:
-                    redis_server = RedisServer()
+                    redis_server = LocalRedis()
                     urls[s] = redis_server.url
                 except RuntimeError as exc:
                     print(f"(redis skipped: {exc})", flush=True)
