@@ -643,7 +643,7 @@ class StoreCommunicator(Communicator):
         srcs1 = grid.stage1_sources(me)
         rows = sorted({grid.row(s) for s in srcs1})
         got1 = self._receive(
-            "exchange", seq, srcs1, None, delete=False,
+            "exchange (two-level, stage 1)", seq, srcs1, None, delete=False,
             read=lambda key: read_bundle(key, grid.stage1_targets(K.parse_msg_key(key).src)),
             prefixes=[K.group_prefix(self.job, self.token, seq, K.row_group(r)) for r in rows])
         final: list[tuple[int, int, Any]] = []
@@ -669,8 +669,11 @@ class StoreCommunicator(Communicator):
             self._put_combined(seq, column, [bundle(forward.pop(d, [])) for d in column],
                                group=col_key)
         del forward
+        # A rank missing here may itself be waiting for a rank of its row in stage 1: the
+        # message says so, so the rank it names is not taken for the culprit.
         got2 = self._receive(
-            "exchange", seq, column, None, delete=False,
+            "exchange (two-level, stage 2: ranks that forward their rows' data)", seq, column,
+            None, delete=False,
             read=lambda key: read_bundle(key, grid.column(K.parse_msg_key(key).src)),
             prefixes=[K.group_prefix(self.job, self.token, seq, col_key)])
         for src in sorted(got2):

@@ -121,3 +121,22 @@ def test_header_read_when_sizes_do_not_fit_the_key(monkeypatch, strategy):
     model = request_model(5, strategy, tags=False)
     assert (counted["put"], counted["get"]) == (model["put"], model["get"])
     store.close()
+
+
+def _rank_four_leaves(comm):
+    comm.barrier()
+    if comm.rank == 4:
+        comm.abort()
+        return None
+    comm.exchange([pa.table({"v": [1]})] * comm.world_size)
+
+
+def test_twolevel_timeout_names_the_missing_rank():
+    """Rank 4 of a 3x3 grid never exchanges: the first error (a stage-1 wait of its row) names
+    it; stage-2 waits name the forwarding rank and say that it forwards."""
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(_rank_four_leaves, 9, store="memory://", launcher="threads", comm_timeout=3,
+                  exchange="twolevel")
+    cause = info.value.__cause__
+    assert isinstance(cause, cs.ExchangeTimeoutError) and cause.missing == [4], cause
+    assert "two-level, stage 1" in str(cause)
