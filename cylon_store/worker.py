@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import traceback
 
 import cloudpickle
@@ -22,11 +24,26 @@ def _write(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _exit_with_parent(period: float = 0.5) -> None:
+    """End this rank if its launcher (or mpirun) dies: a killed parent must not leave ranks
+    behind that wait out their collective timeouts (or block in MPI) as orphans."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="cylon-parent-watch", daemon=True).start()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m cylon_store.worker PAYLOAD", file=sys.stderr)
         return 2
+    _exit_with_parent()
     from cylon_store.comm import DEFAULT_TIMEOUT, connect, ranks_from_env
 
     outdir = os.environ["CYLON_STORE_RESULT_DIR"]

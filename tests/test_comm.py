@@ -465,3 +465,33 @@ def test_lost_announcements_are_covered_by_listing(monkeypatch):
     plan = rows_plan(3, "uniform", scale=5)
     assert cs.launch(rank_exchange, 3, store="memory://", launcher="threads",
                      args=(plan, False, 2), comm_timeout=30) == [0, 1, 2]
+
+
+def test_rank_process_exits_when_its_launcher_dies(tmp_path):
+    """A rank whose parent (the launcher, or mpirun) is killed ends within a second instead of
+    waiting out its timeouts as an orphan."""
+    import psutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import cloudpickle
+    payload = tmp_path / "payload.pkl"
+    payload.write_bytes(cloudpickle.dumps((print, ())))   # never runs: rank 1 never comes
+    env = dict(os.environ, CYLON_STORE_RESULT_DIR=str(tmp_path),
+               CYLON_STORE_URL=f"file://{tmp_path}/store?fsync=false", CYLON_STORE_JOB="orphan",
+               CYLON_STORE_WORLD_SIZE="2", CYLON_STORE_RANK="0", CYLON_STORE_TIMEOUT="60")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "p = subprocess.Popen([sys.executable, '-m', 'cylon_store.worker', sys.argv[1]])\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(120)\n", str(payload)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child = psutil.Process(int(parent.stdout.readline()))
+        time.sleep(2.0)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        child.wait(timeout=5)   # raises psutil.TimeoutExpired if the orphan lingers
+    finally:
+        parent.kill()
