@@ -24,11 +24,10 @@ import threading
 import time
 import uuid
 
-import boto3
-
 import cylon_store as cs
 from cylon_store.comm import request_model
 
+from . import require
 from .exchange import rank_parts
 from .s3_bench import LocalMoto
 
@@ -76,7 +75,7 @@ def run(stores, ranks, gb, strategies=("direct", "combined", "twolevel"), launch
     try:
         endpoint = moto.url
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+        __import__("boto3").client("s3", endpoint_url=endpoint, region_name="us-east-1",
                      aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=bucket)
         for store in stores:
             for P in ranks:
@@ -117,6 +116,7 @@ def main(argv=None):
     ap.add_argument("--strategies", default="direct,combined,twolevel")
     ap.add_argument("--launcher", default="local", choices=["local", "threads"])
     args = ap.parse_args(argv)
+    require("boto3", "moto")
     rows = run(args.stores.split(","), [int(r) for r in args.ranks.split(",")], args.gb,
                args.strategies.split(","), args.launcher)
     print("| store | ranks | exchange | GB crossing | seconds | GB/s | PUT-class | GET-class | LIST (polls) "

@@ -39,6 +39,7 @@ import pyarrow as pa
 
 import cylon_store as cs
 
+from . import require
 from .redis_bench import LocalRedis
 
 QUICK = {"join_left": 2_000_000, "join_right": 200_000, "groupby_rows": 2_000_000,
@@ -304,6 +305,9 @@ def main(argv=None) -> int:
     peers = [p for p in args.peers.split(",") if p]
     ops = [o for o in args.ops.split(",") if o]
     P = args.ranks
+    peer_modules = {"dask": ["dask", "distributed", "pandas"], "duckdb": ["duckdb"], "polars": ["polars"]}
+    require(*[m for p in peers for m in peer_modules.get(p, [])],
+            *(["redis"] if "redis" in stores else []), why="the peers and stores asked for")
     print(f"# kernel benchmark: {'full' if args.full else 'quick'} sizes {sizes}, {P} ranks, "
           f"best of {repeat}; {platform.node()} {os.cpu_count()} cpus, python "
           f"{platform.python_version()}, pyarrow {pa.__version__}", flush=True)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import cylon_store as cs
 import cylon_store.comm as C
 
+from . import require
 from .redis_bench import LocalRedis, raw_client
 
 
@@ -69,6 +70,7 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args(argv)
+    require("redis", extra="redis")
     rows = run([int(x) for x in args.filler.split(",")], args.ranks, args.rounds)
     print("| other keys in the database | receivers | ms per exchange | LISTs per exchange (all ranks) |")
     print("|---:|---|---:|---:|")

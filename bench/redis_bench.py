@@ -36,6 +36,8 @@ import pyarrow as pa
 
 import cylon_store as cs
 
+from . import require
+
 MiB = 1 << 20
 
 
@@ -283,6 +285,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.quick:
         a.sizes, a.clients, a.repeat, a.sweep_mib, a.gb, a.rounds = "1,16", "1,2", 1, 16, 0.1, 12
+    require("redis", "hiredis", extra="redis")
     sizes = [int(s) for s in a.sizes.split(",")]
     clients = [int(c) for c in a.clients.split(",")]
     server = None if a.url else LocalRedis()

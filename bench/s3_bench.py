@@ -38,6 +38,8 @@ import pyarrow as pa
 
 import cylon_store as cs
 
+from . import require
+
 MiB = 1 << 20
 
 _BOTO_CONFIG = dict(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32,
@@ -406,6 +408,7 @@ def main(argv: Optional[list] = None) -> None:
     ap.add_argument("--skip", choices=("s3", "dynamodb"), action="append", default=[])
     ap.add_argument("--out", help="write the markdown section to this file")
     args = ap.parse_args(argv)
+    require("boto3", *([] if (args.s3_url and args.dynamodb_url) else ["moto"]))
 
     moto = None
     s3_url, ddb_url = args.s3_url, args.dynamodb_url

@@ -44,6 +44,8 @@ import pyarrow as pa
 import cylon_store as cs
 from cylon_store.config import parse_size
 
+from . import require
+
 
 #: (label, ucx:// options): TCP on loopback as between hosts; shared memory with error
 #: handling kept (UCX then copies through shared-memory fragments); and UCX's own choice
@@ -182,6 +184,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     total = parse_size(args.size)
     only = set(args.only.split(","))
+    require(*(["mpi4py"] if "mpi" in only else []), *(["redis"] if "redis" in only else []),
+            why="the contenders asked for")
+    if "ucx" in only:
+        require("ucxx", extra="ucx")
     P = args.ranks
     results: dict = {}
     notes: list = []

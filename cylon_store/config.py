@@ -108,6 +108,27 @@ def option_names(*classes) -> list[str]:
     return sorted(set(names))
 
 
+def redact_url(url: str) -> str:
+    """``url`` safe to print: a password in the user part and secret-looking query values
+    (``password``, ``token``, ``secret``, ``key`` ... in the option name) become ``***``."""
+    if not isinstance(url, str) or "://" not in url:
+        return url if isinstance(url, str) else repr(url)
+    scheme, rest = url.split("://", 1)
+    base, sep, query = rest.partition("?")
+    netloc, slash, path = base.partition("/")
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        netloc = (user.split(":", 1)[0] + ":***" if ":" in user else "***") + "@" + host
+    query = "&".join(
+        item.split("=", 1)[0] + "=***"
+        if any(w in item.split("=", 1)[0].lower() for w in _SECRET_WORDS) else item
+        for item in query.split("&")) if query else query
+    return f"{scheme}://{netloc}{slash}{path}{sep}{query}"
+
+
+_SECRET_WORDS = ("password", "passwd", "token", "secret", "key", "credential", "auth")
+
+
 def split_url(url: str) -> tuple[str, str, dict[str, str]]:
     """``scheme://location?query`` -> (scheme, location without query, query dict)."""
     if not isinstance(url, str) or "://" not in url:
