@@ -66,6 +66,11 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
     env = dict(env or {})
     if exchange is not None:
         env["CYLON_STORE_EXCHANGE"] = exchange
+    if launcher == "mpi" and _needs_rendezvous(store, env):
+        raise ConfigError("ucx:// under mpirun needs a rendezvous store that every host can reach "
+                          "(mpirun may place ranks on other hosts): "
+                          "ucx://?rendezvous=redis://host:6379 or file:///shared/dir, or "
+                          "$CYLON_STORE_RENDEZVOUS; launcher='local' provides one by itself")
     return _launch_processes(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
                              launcher, env)
 
@@ -171,7 +176,29 @@ def mpi_env() -> dict:
     }
 
 
+def _needs_rendezvous(url: str, env: dict) -> bool:
+    """A ucx:// URL with no rendezvous given in its query or the environment."""
+    from .config import split_url
+    scheme, _, query = split_url(url)
+    return scheme == "ucx" and "rendezvous" not in query and not (
+        env.get("CYLON_STORE_RENDEZVOUS") or os.environ.get("CYLON_STORE_RENDEZVOUS"))
+
+
+def _local_rendezvous(url: str, launcher: str, env: dict) -> Optional[Callable[[], None]]:
+    """ucx:// ranks exchange worker addresses through a store.  Ranks that this launcher starts
+    on this machine can meet in a shared-memory store that it creates and removes, so trying
+    UCX on one machine needs no Redis; a rendezvous given in the URL or the environment wins.
+    Not for mpirun, whose ranks may be on other hosts (a Slurm allocation, a hostfile)."""
+    if launcher != "local" or not _needs_rendezvous(url, env):
+        return None
+    shared, cleanup = _process_store_url(f"memory://rendezvous-{uuid.uuid4().hex[:12]}")
+    env["CYLON_STORE_RENDEZVOUS"] = shared
+    return cleanup
+
+
 def _launch_processes(fn, world_size, url, args, job, timeout, comm_timeout, launcher, extra_env):
+    extra_env = dict(extra_env)
+    cleanup_rendezvous = _local_rendezvous(url, launcher, extra_env)
     url, cleanup = _process_store_url(url)
     workdir = tempfile.mkdtemp(prefix="cylon-launch-")
     payload = os.path.join(workdir, "payload.pkl")
@@ -204,8 +231,9 @@ def _launch_processes(fn, world_size, url, args, job, timeout, comm_timeout, lau
         for p in procs:
             _kill(p)
         shutil.rmtree(workdir, ignore_errors=True)
-        if cleanup:
-            cleanup()
+        for done in (cleanup, cleanup_rendezvous):
+            if done:
+                done()
 
 
 def _supervise(procs, world_size, workdir, job, timeout, launcher):

@@ -141,6 +141,20 @@ def test_launch_local(file_rdv, monkeypatch):
     assert left_in(root) == []
 
 
+def test_launch_local_needs_no_rendezvous_url(monkeypatch):
+    """On one machine the local launcher gives ucx:// ranks a shared-memory rendezvous of its
+    own, and removes it afterwards."""
+    for k, v in UCX_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("CYLON_STORE_RENDEZVOUS", raising=False)
+    before = set(os.listdir("/dev/shm/cylon-store")) if os.path.isdir("/dev/shm/cylon-store") else set()
+    assert cs.launch(rank_collectives, 3, store="ucx://", timeout=240, comm_timeout=60) == [2] * 3
+    after = set(os.listdir("/dev/shm/cylon-store")) if os.path.isdir("/dev/shm/cylon-store") else set()
+    assert not {n for n in after - before if n.startswith("rendezvous-")}
+    with pytest.raises(cs.ConfigError, match="rendezvous"):  # mpirun's ranks may be on other hosts
+        cs.launch(rank_collectives, 2, store="ucx://", launcher="mpi", timeout=120, comm_timeout=30)
+
+
 # -- failures -------------------------------------------------------------------------------
 
 def test_rank_dies_mid_exchange(file_rdv):
