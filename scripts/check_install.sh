@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A newcomer's path, proved on every CI run: a NEW venv with the pip it comes with, a normal
+# (non-editable) install of this clone, the README's first command run from the clone's root,
+# every --help with no optional extra installed, a script saved in the clone using each launcher
+# the base install has, and a dry-run resolve of every extra and of [all].
+#   ./scripts/check_install.sh [VENV_DIR]     (default: a temporary directory, removed at the end)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+venv=${1:-$tmp/venv}
+python3 -m venv "$venv"
+py="$venv/bin/python"
+step() { printf '\n== %s (%s)\n' "$1" "$(date -u +%H:%M:%S)"; }
+
+step "base install: pip install . ($("$py" -m pip --version | cut -d' ' -f1-2))"
+"$venv/bin/pip" install -q --disable-pip-version-check .
+
+step "cylon-store demo, from the clone's root"
+PATH="$venv/bin:$PATH" cylon-store demo
+
+step "every --help without optional extras"
+"$venv/bin/cylon-store" --help >/dev/null
+for cmd in demo clean; do "$venv/bin/cylon-store" "$cmd" --help >/dev/null; done
+for mod in bench/*.py; do
+    name=$(basename "$mod" .py)
+    [ "$name" = "__init__" ] && continue
+    "$py" -m "cylon_store.bench.$name" --help >/dev/null || { echo "--help of cylon_store.bench.$name failed"; exit 1; }
+done
+echo "ok"
+
+step "a script saved in the clone's root, every launcher of the base install"
+script="$root/.check-install-$$.py"
+trap 'rm -rf "$tmp" "$script"' EXIT
+cat > "$script" <<'PY'
+import cylon_store as cs
+from cylon_store import kernel
+import pyarrow as pa
+
+def count(comm):
+    t = pa.table({"k": list(range(comm.rank, 100, comm.world_size))})
+    return comm.allreduce(kernel.unique(comm, t).num_rows)
+
+for launcher in ("local", "threads"):
+    for store in ("memory://", "file://" + __import__("tempfile").mkdtemp()):
+        assert cs.launch(count, 3, store=store, launcher=launcher, timeout=120) == [100] * 3
+print("cylon_store imported from", cs.__file__)
+PY
+"$py" "$script"
+
+step "dry-run resolve of each extra and of [all]"
+for extra in s3 dynamodb redis mpi ucx bench test all; do
+    start=$(date +%s)
+    "$venv/bin/pip" install -q --disable-pip-version-check --dry-run ".[$extra]" >/dev/null
+    echo "[$extra] resolves ($(( $(date +%s) - start )) s)"
+done
