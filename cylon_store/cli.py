@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--job", help="only this job (default: every cylon-store job key)")
     p.add_argument("--dry-run", action="store_true", help="list the keys, delete nothing")
     p.set_defaults(fn=clean)
+    from cylon_store.serverless.cli import add_parser as add_lambda_parser
+    add_lambda_parser(sub)
     args = parser.parse_args(argv)
     if not getattr(args, "fn", None):
         parser.print_help()
