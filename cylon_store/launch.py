@@ -24,29 +24,41 @@ from typing import Any, Callable, Optional, Sequence
 
 import cloudpickle
 
-from .errors import ConfigError, NotSupportedError, RankFailedError
+from .errors import ConfigError, RankFailedError
 from .keys import validate_job
 
-LAUNCHERS = ("local", "threads", "mpi", "lambda")
+LAUNCHERS = ("local", "threads", "mpi", "lambda", "lambda-local")
 _POLL = 0.02
 
 
 def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: str = "local",
            args: Sequence = (), job: Optional[str] = None, *, timeout: Optional[float] = None,
            comm_timeout: Optional[float] = None, env: Optional[dict] = None,
-           exchange: Optional[str] = None) -> list:
+           exchange: Optional[str] = None, function: Optional[str] = None, report: bool = False,
+           start_timeout: Optional[float] = None, local_options: Optional[dict] = None):
     """Run ``fn(comm, *args)`` on ``world_size`` ranks connected through ``store``.
 
     ``timeout`` bounds the whole launch (None: no bound); ``comm_timeout`` is each collective's
     wait timeout inside the ranks; ``exchange`` the store exchange strategy (see ``connect``).
     Returns the ranks' return values in rank order.
+
+    ``launcher="lambda"`` invokes the deployed Lambda function ``function`` once per rank (see
+    ``cylon_store.serverless``); ``start_timeout`` bounds how long an invoked rank may take to
+    start; ``report=True`` returns ``(values, report)`` with the run's billed time and dollars.
+    ``launcher="lambda-local"`` does the same against a local Lambda service that it starts
+    and stops (``local_options``: ``memory_mb``, ``timeout_s``, ``concurrency``, ... of
+    ``serverless.local.LocalLambda``).
     """
     if launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
-    if launcher == "lambda":
-        raise NotSupportedError("launcher='lambda' is not available yet: run on AWS Lambda with "
-                                "the worker entry 'python -m cylon_store.worker' for now, or use "
-                                "launcher='local' or 'mpi'")
+    serverless = launcher in ("lambda", "lambda-local")
+    if report and not serverless:
+        raise ConfigError("report=True prices a serverless run: use it with launcher='lambda' or "
+                          "'lambda-local'")
+    for name, value in (("function", function), ("start_timeout", start_timeout),
+                        ("local_options", local_options)):
+        if value is not None and not serverless:
+            raise ConfigError(f"{name}= applies to launcher='lambda' and 'lambda-local' only")
     if not callable(fn):
         raise ConfigError(f"launch needs a callable fn(comm, *args), got {type(fn).__name__}")
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -56,6 +68,12 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
         if not isinstance(store, str):
             raise ConfigError("store must be a URL string (or a Store, whose URL is used)")
     job = validate_job(job) if job is not None else f"launch-{uuid.uuid4().hex[:12]}"
+    if serverless:
+        if env:
+            raise ConfigError("env= sets rank processes' environment; Lambda ranks take theirs "
+                              "from the function's configuration (cylon-store lambda deploy --env)")
+        return _launch_lambda(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
+                              exchange, function, report, start_timeout, launcher, local_options)
     if launcher == "threads":
         scheme = store.split("://", 1)[0].lower()
         if scheme in ("mpi", "ucx"):
@@ -73,6 +91,34 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
                           "$CYLON_STORE_RENDEZVOUS; launcher='local' provides one by itself")
     return _launch_processes(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
                              launcher, env)
+
+
+# -- AWS Lambda and the local Lambda service --------------------------------------------------
+
+def _launch_lambda(fn, world_size, url, args, job, timeout, comm_timeout, exchange, function,
+                   report, start_timeout, launcher, local_options):
+    from .serverless import driver
+
+    if launcher == "lambda":
+        return driver.run(fn, world_size, url, args, job, function=function, timeout=timeout,
+                          comm_timeout=comm_timeout, exchange=exchange, report=report,
+                          start_timeout=start_timeout)
+    from .serverless.local import LocalLambda
+
+    driver.check_store_url(url, local=True)  # before a service starts
+    url, cleanup = _process_store_url(url)
+    opts = dict(local_options or {})
+    opts.setdefault("function", function or "cylon-worker")
+    try:
+        with LocalLambda(**opts) as service:
+            client = driver.lambda_client(endpoint_url=service.url, local=True)
+            return driver.run(fn, world_size, url, args, job, function=opts["function"],
+                              timeout=timeout, comm_timeout=comm_timeout, exchange=exchange,
+                              report=report, start_timeout=start_timeout, client=client,
+                              local=True)
+    finally:
+        if cleanup:
+            cleanup()
 
 
 # -- threads --------------------------------------------------------------------------------
@@ -120,15 +166,18 @@ def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout, excha
 
 
 def _first_cause(errors: dict) -> int:
-    """The rank whose error caused the others: a rank's own error first, then a timeout (it
-    names who never delivered), last a wait cancelled because a sibling had failed."""
+    """The rank whose error caused the others: a rank's own error first; then a timeout that
+    names a rank which did not fail itself (the root of a chain of waits: rank 0 waiting on
+    rank 3 that waited on rank 4 names 3, but rank 3's error names the cause, 4); then any
+    other timeout; last a wait cancelled because a sibling had failed."""
     from .errors import ExchangeError, ExchangeTimeoutError
 
     def priority(rank):
         exc = errors[rank]
         if isinstance(exc, ExchangeTimeoutError):
-            return 1
-        return 2 if isinstance(exc, ExchangeError) else 0
+            missing = getattr(exc, "missing", None) or []
+            return 1 if any(m not in errors for m in missing) else 2
+        return 3 if isinstance(exc, ExchangeError) else 0
     return min(errors, key=lambda r: (priority(r), r))
 
 
