@@ -80,10 +80,16 @@ def _nulls(arr: pa.Array) -> np.ndarray | None:
 _INT_VIEW = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
+def _int_dtype(t: pa.DataType) -> np.dtype:
+    """numpy dtype of an integer type (``DataType.to_pandas_dtype()`` imports pandas on
+    pyarrow < 22, which a Lambda zip for Python 3.11 gets, and pandas is no dependency)."""
+    return np.dtype(f"{'u' if pa.types.is_unsigned_integer(t) else ''}int{t.bit_width}")
+
+
 def _int_like_storage(t: pa.DataType):
     """numpy dtype of a type whose values are plain integers, else None."""
     if pa.types.is_integer(t):
-        return np.dtype(t.to_pandas_dtype())
+        return _int_dtype(t)
     if (pa.types.is_date32(t) or pa.types.is_time32(t)):
         return np.dtype(np.int32)
     if (pa.types.is_date64(t) or pa.types.is_time64(t) or pa.types.is_timestamp(t)
@@ -185,7 +191,7 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
         return np.full(n, NULL_HASH, dtype=np.uint64)
     if pa.types.is_dictionary(t):
         dict_h = _hash_chunk(arr.dictionary) if len(arr.dictionary) else np.zeros(0, np.uint64)
-        idx = _values(arr.indices, np.dtype(arr.indices.type.to_pandas_dtype()))
+        idx = _values(arr.indices, _int_dtype(arr.indices.type))
         nulls = _nulls(arr.indices)
         if nulls is not None:
             idx = np.where(nulls, 0, idx)
