@@ -60,6 +60,7 @@ from typing import Iterable, Optional, Sequence
 
 import pyarrow as pa
 
+from cylon_store import pricing
 from cylon_store.config import Size, StoreOptions
 from cylon_store.errors import (AlreadyExistsError, ConfigError, NotFoundError,
                                 PayloadTooLargeError, PreconditionError, StoreError,
@@ -102,9 +103,9 @@ INLINE_MAX = 3 * 1024
 #: size/CHUNK_SIZE items).  ``max_object_size`` raises it.
 DEFAULT_MAX_OBJECT_SIZE = 1 << 30
 
-# On-demand list prices, us-east-1 (https://aws.amazon.com/dynamodb/pricing/on-demand/):
-PRICE_WRITE_UNIT = 0.625 / 1_000_000
-PRICE_READ_UNIT = 0.125 / 1_000_000
+# On-demand list prices: one table for the project, with sources (pricing.py).
+PRICE_WRITE_UNIT = pricing.DYNAMODB_WRITE_UNIT
+PRICE_READ_UNIT = pricing.DYNAMODB_READ_UNIT
 
 PK, SK = "pk", "sk"
 TTL_ATTRIBUTE = "expires_at"
@@ -116,8 +117,7 @@ TABLE_ACTIVE_TIMEOUT = 300.0
 
 def request_cost_usd(stats: dict) -> float:
     """Dollar cost of the capacity units in a ``store.stats()`` snapshot (on-demand prices)."""
-    return (stats.get("dynamodb.write_units", 0) * PRICE_WRITE_UNIT
-            + stats.get("dynamodb.read_units", 0) * PRICE_READ_UNIT)
+    return pricing.store_cost_usd("dynamodb", stats)
 
 
 @dataclass(frozen=True)

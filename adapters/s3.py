@@ -48,6 +48,7 @@ from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import pyarrow as pa
 
+from cylon_store import pricing
 from cylon_store.config import Size, StoreOptions
 from cylon_store.errors import (AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError,
                                 NotSupportedError, PayloadTooLargeError, PreconditionError,
@@ -72,13 +73,11 @@ DELETE_BATCH = 1000
 #: a small ``part_size`` (S3 allows parts of different sizes).
 PART_GROWTH_EVERY = 500
 
-# AWS list prices, S3 Standard, us-east-1 (https://aws.amazon.com/s3/pricing/, "Requests & data
-# retrievals"): PUT, COPY, POST, LIST $0.005 per 1,000; GET, SELECT and all other $0.0004 per
-# 1,000; DELETE and CANCEL (abort) are free.
-PRICE_PUT_CLASS = 0.005 / 1000
-PRICE_GET_CLASS = 0.0004 / 1000
-PUT_CLASS = ("PUT", "LIST", "MULTIPART_CREATE", "MULTIPART_PART", "MULTIPART_COMPLETE")
-GET_CLASS = ("GET", "HEAD")
+# AWS list prices and request classes: one table for the project, with sources (pricing.py).
+PRICE_PUT_CLASS = pricing.S3_PUT_CLASS
+PRICE_GET_CLASS = pricing.S3_GET_CLASS
+PUT_CLASS = pricing.S3_PUT_KINDS
+GET_CLASS = pricing.S3_GET_KINDS
 
 #: boto3 operation -> request kind in stats.
 _KIND = {
@@ -93,11 +92,8 @@ _RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
 def request_cost_usd(stats: dict) -> float:
-    """Dollar cost of the S3 requests in a ``store.stats()`` snapshot, at the list prices above."""
-    req = stats.get("requests", {})
-    put = sum(req.get(f"s3.{k}", 0) for k in PUT_CLASS)
-    get = sum(req.get(f"s3.{k}", 0) for k in GET_CLASS)
-    return put * PRICE_PUT_CLASS + get * PRICE_GET_CLASS
+    """Dollar cost of the S3 requests in a ``store.stats()`` snapshot, at list prices."""
+    return pricing.store_cost_usd("s3", stats)
 
 
 @dataclass(frozen=True)
