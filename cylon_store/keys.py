@@ -100,3 +100,44 @@ def parse_msg_key(key: str) -> MsgKey:
 def channel(job: str, token: str, dst: int) -> str:
     """Notification channel of one rank's inbox."""
     return f"{ROOT}/{job}/{token}/inbox/{dst:06d}"
+
+
+# -- serverless runs (cylon_store.serverless): the driver and its Lambda ranks meet here --------
+
+_LAMBDA_KINDS = ("claim", "result", "error")
+
+
+def lambda_prefix(job: str) -> str:
+    return f"{ROOT}/{job}/lambda/"
+
+
+def lambda_payload_key(job: str) -> str:
+    """``(fn, args)``, cloudpickled by the driver; deleted first when the run ends, so a late
+    duplicate delivery finds no payload and does nothing."""
+    return f"{lambda_prefix(job)}payload"
+
+
+def lambda_abort_key(job: str) -> str:
+    """Written by the driver when the run must stop (a rank failed, the driver was interrupted)."""
+    return f"{lambda_prefix(job)}abort"
+
+
+def lambda_rank_key(job: str, kind: str, rank: int) -> str:
+    """``claim`` (create-if-absent: the fence against duplicate deliveries), ``result`` or ``error``."""
+    if kind not in _LAMBDA_KINDS:
+        raise ValueError(f"unknown serverless key kind {kind!r}")
+    return f"{lambda_prefix(job)}{kind}/{rank:06d}"
+
+
+def parse_lambda_rank_key(key: str) -> tuple[str, int]:
+    """Inverse of ``lambda_rank_key``: ``(kind, rank)``; ValueError for any other key."""
+    parts = key.rsplit("/", 2)
+    kind, rank = (parts[-2], parts[-1]) if len(parts) == 3 else ("", "")
+    if kind not in _LAMBDA_KINDS or not (len(rank) == 6 and rank.isdigit()):
+        raise ValueError(f"not a serverless rank key: {key!r}")
+    return kind, int(rank)
+
+
+def lambda_channel(job: str) -> str:
+    """Notification channel on which ranks tell the driver that they claimed or reported."""
+    return f"{lambda_prefix(job)}driver"
