@@ -12,7 +12,7 @@ from __future__ import annotations
 
 def handler(event, context):
     """The Lambda function's handler: run one rank of a ``cs.launch(..., launcher="lambda")``."""
-    from .handler import handle
+    from .rank import handle
     return handle(event, context)
 
 

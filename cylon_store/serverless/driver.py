@@ -25,7 +25,7 @@ import msgpack
 from .. import keys as K
 from ..errors import (ConfigError, ExchangeError, NotFoundError,
                       RankFailedError, StoreError, ThrottledError, TransientError)
-from .handler import EVENT_VERSION
+from .rank import EVENT_VERSION
 
 #: Lambda's payload limit for asynchronous (Event) invocations (AWS Lambda quotas: 1 MB since
 #: 2025; 256 KB before). Events here are a few hundred bytes; fn and args go through the store.
@@ -208,8 +208,8 @@ def run(fn: Callable, world_size: int, store_url: str, args: Sequence, job: str,
         wall = time.monotonic() - t0
         if not report:
             return values
-        notes = [f"billed ms are the handler's own clock around the rank's work; cold starts "
-                 f"({sum(1 for m in metas if m['cold'])}) may add an init phase"]
+        notes = [f"billed ms are the handler's own clock: the rank's work, plus the init phase "
+                 f"of {sum(1 for m in metas if m['cold'])} cold start(s) from the process start"]
         return values, build_report(function=function, architecture=arch, memory_mb=memory_mb,
                                     world_size=world_size, scheme=store.scheme, wall_seconds=wall,
                                     invocations=state.invocations, throttled=state.throttled,

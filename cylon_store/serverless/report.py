@@ -2,10 +2,9 @@
 Lambda GB-seconds, invocations, the store's requests and bytes, and dollars by component at the
 list prices of ``cylon_store.pricing`` (one table, with sources and date).
 
-Billed milliseconds are measured by the handler around the rank's work (Lambda bills each
-invocation's duration rounded up to 1 ms, plus the init phase of a cold start on some runtimes;
-the handler cannot see init, so cold starts are flagged, and the local Lambda service's REPORT
-lines give the init duration). The driver's own store requests (payload, polling) are counted
+Billed milliseconds are measured by the handler: the rank's work, plus on a cold start the init
+phase from the execution environment's process start (Lambda bills each invocation's duration
+rounded up to 1 ms, and since August 2025 the init phase of on-demand functions too). The driver's own store requests (payload, polling) are counted
 apart and included in the store's dollars.
 """
 
@@ -24,6 +23,7 @@ class RankReport:
     request_id: str
     billed_ms: int
     duration_ms: float
+    init_ms: float             # the init phase of a cold start (billed since August 2025), else 0
     memory_mb: int
     cold: bool
     max_rss_mb: float
@@ -112,6 +112,7 @@ def build_report(*, function: str, architecture: str, memory_mb: int, world_size
         _add_stats(total, st)
         ranks.append(RankReport(rank=m["rank"], request_id=str(m.get("request_id", "")),
                                 billed_ms=int(m["billed_ms"]), duration_ms=float(m["duration_ms"]),
+                                init_ms=float(m.get("init_ms", 0.0)),
                                 memory_mb=int(m.get("memory_mb") or memory_mb), cold=bool(m["cold"]),
                                 max_rss_mb=float(m.get("max_rss_mb", 0.0)), ok=bool(m.get("ok", True)),
                                 requests=dict(st.get("requests", {})),

@@ -41,6 +41,20 @@ _LOADED_AT = time.time()
 _invocations = 0
 
 
+def _process_started() -> float:
+    """Epoch seconds at which this process (the execution environment's runtime) started: the
+    start of Lambda's init phase, which Lambda bills on cold starts of on-demand functions
+    (since August 2025). From /proc; the module's import time where there is none."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _LOADED_AT
+
+
 def _context_value(context, name: str, default=None):
     value = getattr(context, name, default) if context is not None else default
     return value if value is not None else default
@@ -130,9 +144,10 @@ def _run(store, ev: dict, fn, args, claim: dict, started: float,
         watcher.join(5)
     ended = time.time()
     duration_ms = (ended - started) * 1000.0
+    init_ms = max(0.0, (started - _process_started()) * 1000.0) if claim["cold"] else 0.0
     meta = {"rank": rank, "request_id": claim["request_id"], "cold": claim["cold"],
-            "memory_mb": claim["memory_mb"], "duration_ms": duration_ms,
-            "billed_ms": billed_ms(duration_ms), "max_rss_mb": _max_rss_mb(),
+            "memory_mb": claim["memory_mb"], "duration_ms": duration_ms, "init_ms": init_ms,
+            "billed_ms": billed_ms(duration_ms + init_ms), "max_rss_mb": _max_rss_mb(),
             # every request of this invocation (claim, payload, exchange) but the report's own put
             "stats": store.stats(), "aborted": cancel.is_set()}
     if error is None:
