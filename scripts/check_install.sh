@@ -23,7 +23,10 @@ PATH="$venv/bin:$PATH" cylon-store demo
 
 step "every --help without optional extras"
 "$venv/bin/cylon-store" --help >/dev/null
-for cmd in demo clean; do "$venv/bin/cylon-store" "$cmd" --help >/dev/null; done
+for cmd in demo clean lambda "lambda build" "lambda deploy" "lambda local"; do
+    # shellcheck disable=SC2086  # "lambda build" is two words on purpose
+    "$venv/bin/cylon-store" $cmd --help >/dev/null || { echo "cylon-store $cmd --help failed"; exit 1; }
+done
 for mod in bench/*.py; do
     name=$(basename "$mod" .py)
     [ "$name" = "__init__" ] && continue
