@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from cylon_store.argtypes import int_range, seconds
+
 
 def _demo_rank(comm, rows: int):
     """Each rank makes ``rows`` rows and sends each row to the rank its key hashes to."""
@@ -117,30 +119,6 @@ def clean(args) -> int:
 MAX_DEMO_RANKS = 256
 
 
-def _int_range(lo: int, hi: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text.replace("_", "").replace(",", ""))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo:,} and {hi:,}, got {value:,}")
-        return value
-    return parse
-
-
-def _positive_float():
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-        if not value > 0 or value != value or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text}")
-        return value
-    return parse
-
-
 def _store_url(text: str) -> str:
     """A store URL whose scheme is known (its options are checked when it is opened)."""
     from cylon_store.config import split_url
@@ -171,13 +149,13 @@ def main(argv=None) -> int:
     p.add_argument("--store", default="memory://", type=_store_url,
                    help="store URL, e.g. file:///tmp/demo or redis://127.0.0.1:6379/0 "
                         "(default: the embedded memory://)")
-    p.add_argument("--rows", type=_int_range(1, 10**9), default=4_000_000,
+    p.add_argument("--rows", type=int_range(1, 10**9), default=4_000_000,
                    help="rows in total, 1 to 10^9 (default 4,000,000)")
-    p.add_argument("--ranks", type=_int_range(1, MAX_DEMO_RANKS), default=4,
+    p.add_argument("--ranks", type=int_range(1, MAX_DEMO_RANKS), default=4,
                    help=f"ranks, 1 to {MAX_DEMO_RANKS} (default 4)")
     p.add_argument("--launcher", choices=("local", "threads", "mpi"), default=None,
                    help="local processes (default; mpi for an mpi:// store), threads, or mpirun")
-    p.add_argument("--timeout", type=_positive_float(), default=600.0,
+    p.add_argument("--timeout", type=seconds(), default=600.0,
                    help="seconds before the exchange is given up (default 600)")
     p.set_defaults(fn=demo)
     p = sub.add_parser("clean", help="delete what a job (or every job) left in a store")

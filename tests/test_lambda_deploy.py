@@ -130,9 +130,9 @@ def test_deploy_without_boto3_names_the_extra(tmp_path):
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--arch", "aarch64"],
      "argument --arch: invalid choice: 'aarch64'"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--memory", "64"],
-     "argument --memory: must be 128 to 10240 MB, got 64"),
+     "argument --memory: must be 128 to 10,240 MB, got 64"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--memory", "10241"],
-     "argument --memory: must be 128 to 10240 MB, got 10241"),
+     "argument --memory: must be 128 to 10,240 MB, got 10,241"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--timeout", "901"],
      "argument --timeout: must be 1 to 900 seconds, got 901"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--env", "NOVALUE"],
@@ -142,7 +142,7 @@ def test_deploy_without_boto3_names_the_extra(tmp_path):
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{missing}"], "argument --zip: no such file"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{notzip}"], "argument --zip: not a zip file"),
     (["deploy", "--function", "f", "--role", "{role}", "--zip", "{zip}", "--max-event-age", "30"],
-     "argument --max-event-age: must be 60 to 21600 seconds, got 30"),
+     "argument --max-event-age: must be 60 to 21,600 seconds, got 30"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     fill = {"zip": str(_zip(tmp_path / "f.zip")), "role": f"arn:aws:iam::{ACCOUNT}:role/r",

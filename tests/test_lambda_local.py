@@ -420,10 +420,10 @@ def test_cli_help_and_validation(capsys, monkeypatch):
         cli_main(["lambda", "local", "--help"])
     assert ei.value.code == 0
     assert "AWS_ENDPOINT_URL_LAMBDA=http://127.0.0.1:PORT" in capsys.readouterr().out
-    for flag, value, words in (("--memory", "64", "memory must be 128..10240"),
-                               ("--timeout", "901", "timeout must be 1..900"),
-                               ("--concurrency", "0", "concurrency must be >= 1"),
-                               ("--max-retry-attempts", "3", "max-retry-attempts must be 0..2")):
+    for flag, value, words in (("--memory", "64", "must be 128 to 10,240 MB, got 64"),
+                               ("--timeout", "901", "must be 1 to 900 seconds, got 901"),
+                               ("--concurrency", "0", "must be at least 1, got 0"),
+                               ("--max-retry-attempts", "3", "must be 0 to 2, got 3")):
         with pytest.raises(SystemExit) as ei:
             cli_main(["lambda", "local", flag, value])
         assert ei.value.code == 2 and words in capsys.readouterr().err

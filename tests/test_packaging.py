@@ -106,9 +106,9 @@ def test_source_tree_is_the_installed_package():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["demo", "--ranks", "0"], "argument --ranks: must be between 1 and 256, got 0"),
+    (["demo", "--ranks", "0"], "argument --ranks: must be 1 to 256, got 0"),
     (["demo", "--ranks", "four"], "argument --ranks: not a whole number: 'four'"),
-    (["demo", "--rows", "-5"], "argument --rows: must be between 1 and 1,000,000,000, got -5"),
+    (["demo", "--rows", "-5"], "argument --rows: must be 1 to 1,000,000,000, got -5"),
     (["demo", "--timeout", "0"], "argument --timeout: must be a positive"),
     (["demo", "--timeout", "nan"], "argument --timeout: must be a positive"),
     (["demo", "--store", "bogus://x"], "unknown store scheme 'bogus'"),

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from ..argtypes import int_range, seconds
 from ..errors import ConfigError, StoreError
 
 __all__ = [
@@ -1297,28 +1298,6 @@ def _upload(s3, bucket: str, zip_path: Path, function: str, say, where: str) -> 
 
 # == command line ============================================================================
 
-def _int_in(lo: int, hi: int, unit: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number of {unit}: {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be {lo} to {hi} {unit}, got {value}")
-        return value
-    return parse
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text}")
-    return value
-
-
 def _extras_arg(text: str) -> tuple:
     try:
         return parse_extras(text)
@@ -1442,10 +1421,10 @@ def add_deploy_arguments(p: argparse.ArgumentParser) -> None:
                       help="the function zip from `cylon-store lambda build`")
     code.add_argument("--image-uri", metavar="URI",
                       help="an Amazon ECR image built from the Dockerfile (build --docker)")
-    p.add_argument("--memory", type=_int_in(MEMORY_MIN, MEMORY_MAX, "MB"), default=DEFAULT_MEMORY_MB,
+    p.add_argument("--memory", type=int_range(MEMORY_MIN, MEMORY_MAX, "MB"), default=DEFAULT_MEMORY_MB,
                    metavar="MB", help=f"memory, {MEMORY_MIN} to {MEMORY_MAX} MB (default "
                                       f"{DEFAULT_MEMORY_MB}: one full vCPU)")
-    p.add_argument("--timeout", type=_int_in(1, TIMEOUT_MAX, "seconds"), default=DEFAULT_TIMEOUT_S,
+    p.add_argument("--timeout", type=int_range(1, TIMEOUT_MAX, "seconds"), default=DEFAULT_TIMEOUT_S,
                    metavar="S", help=f"function timeout, 1 to {TIMEOUT_MAX} s (default {DEFAULT_TIMEOUT_S})")
     p.add_argument("--arch", choices=ARCHES, default=None,
                    help="architecture (default: what the zip was built for, else x86_64)")
@@ -1458,11 +1437,11 @@ def add_deploy_arguments(p: argparse.ArgumentParser) -> None:
                    help="environment variables of the function (replace the current ones; "
                         "without --env an update leaves them as they are)")
     p.add_argument("--region", help="AWS region (default: boto3's chain, e.g. AWS_REGION)")
-    p.add_argument("--max-event-age", type=_int_in(EVENT_AGE_MIN, EVENT_AGE_MAX, "seconds"),
+    p.add_argument("--max-event-age", type=int_range(EVENT_AGE_MIN, EVENT_AGE_MAX, "seconds"),
                    default=DEFAULT_MAX_EVENT_AGE, metavar="S",
                    help=f"drop queued asynchronous invocations older than this, {EVENT_AGE_MIN} to "
                         f"{EVENT_AGE_MAX} s (default {DEFAULT_MAX_EVENT_AGE})")
-    p.add_argument("--wait", type=_positive_seconds, default=DEFAULT_WAIT_S, metavar="S",
+    p.add_argument("--wait", type=seconds(), default=DEFAULT_WAIT_S, metavar="S",
                    help=f"longest wait for the function to become Active/updated (default {DEFAULT_WAIT_S:.0f})")
     p.set_defaults(fn=main_deploy)
 

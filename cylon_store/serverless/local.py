@@ -86,6 +86,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..argtypes import int_range, seconds
+
 __all__ = ["LocalLambda", "add_arguments", "main"]
 
 API_VERSION = "2015-03-31"
@@ -1309,19 +1311,6 @@ def _throttled() -> _ApiError:
 
 # -- CLI -----------------------------------------------------------------------------------------
 
-def _int_in(lo: int, hi: Optional[int], what: str, why: str = ""):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            bound = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"{what} must be {bound}{why}, got {value}")
-        return value
-    return parse
-
-
 def _function_arg(text: str) -> str:
     if not _FUNCTION_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(f"function name must be 1 to 64 letters, digits, '-' "
@@ -1335,18 +1324,6 @@ def _handler_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"handler must be module.function (e.g. "
                                          f"cylon_store.serverless.handler), got {text!r}")
     return text
-
-
-def _timeout_arg(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"timeout must be a number of seconds, got {text!r}") \
-            from None
-    if not (TIMEOUT_BOUNDS[0] <= value <= TIMEOUT_BOUNDS[1]):
-        raise argparse.ArgumentTypeError(f"timeout must be {TIMEOUT_BOUNDS[0]}..{TIMEOUT_BOUNDS[1]}"
-                                         f" seconds (Lambda's bounds), got {text}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1370,21 +1347,21 @@ or SIGTERM. Needs pip install 'cylon-store[lambda]'.
     p.add_argument("--host", default="127.0.0.1",
                    help="address of the Invoke API (default 127.0.0.1; the Runtime API is always "
                         "on 127.0.0.1)")
-    p.add_argument("--port", type=_int_in(0, 65535, "port"), default=0,
+    p.add_argument("--port", type=int_range(0, 65535), default=0,
                    help="port of the Invoke API (default 0: any free port, printed)")
     p.add_argument("--function", default="cylon-worker", type=_function_arg,
                    help="the function's name (default cylon-worker)")
     p.add_argument("--handler", default="cylon_store.serverless.handler", type=_handler_arg,
                    help="module.function of the handler (default cylon_store.serverless.handler)")
-    p.add_argument("--memory", type=_int_in(*MEMORY_BOUNDS, "memory", " MB (Lambda's bounds)"),
+    p.add_argument("--memory", type=int_range(*MEMORY_BOUNDS, "MB"),
                    default=1769, metavar="MB",
                    help="memory size in MB, 128..10240 as on Lambda (default 1769: one vCPU on "
                         "Lambda); an environment above it is killed")
-    p.add_argument("--timeout", type=_timeout_arg, default=900.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds(TIMEOUT_BOUNDS[1], at_least=TIMEOUT_BOUNDS[0]), default=900.0, metavar="SECONDS",
                    help="function timeout, 1..900 s (default 900)")
-    p.add_argument("--concurrency", type=_int_in(1, None, "concurrency"), default=64, metavar="N",
+    p.add_argument("--concurrency", type=int_range(1), default=64, metavar="N",
                    help="environments at once; a sync invoke past it gets 429 (default 64)")
-    p.add_argument("--max-retry-attempts", type=_int_in(0, 2, "max-retry-attempts"), default=2,
+    p.add_argument("--max-retry-attempts", type=int_range(0, 2), default=2,
                    metavar="N",
                    help="retries of a failed async event, 0..2 (default 2, as on Lambda)")
     p.set_defaults(fn=main)
