@@ -323,3 +323,17 @@ def test_lambda_local_launcher_starts_its_own_service():
                                comm_timeout=COMM_TIMEOUT, timeout=120, report=True)
     assert values == [values[0]] * 2 and report.memory_mb == 768 and report.cold_starts == 2
     assert report.store == "memory" and report.dollars["memory"] == 0
+
+
+def test_rank_that_never_starts_is_named(tmp_path):
+    """A concurrency limit below the world size: rank 1 waits in Lambda's queue and never
+    starts while rank 0 holds the only environment; the driver names it after start_timeout."""
+    url = f"file://{tmp_path}"
+    t0 = time.monotonic()
+    with pytest.raises(cs.RankFailedError) as info:
+        cs.launch(rank_collectives, 2, store=url, launcher="lambda-local", start_timeout=3,
+                  local_options={"concurrency": 1, "log": open(os.devnull, "w")},
+                  comm_timeout=COMM_TIMEOUT, timeout=120)
+    assert info.value.rank == 1 and "never started" in str(info.value), str(info.value)
+    assert time.monotonic() - t0 < COMM_TIMEOUT
+    assert_nothing_left(url)
