@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 import cylon_store as cs
-import cylon_store.comm as C
+import cylon_store.store_comm as C
 
 from . import require
 from .redis_bench import LocalRedis, raw_client

@@ -1,7 +1,11 @@
-"""URL scheme -> adapter class, imported lazily so ``import cylon_store`` stays light.
+"""The one registry: URL scheme -> its backend, imported lazily so ``import cylon_store`` stays light.
 
-Third parties register more with ``register("myscheme", "mypkg.mod:MyAdapter", extra=...)``.
-A scheme whose optional dependencies are missing fails with the pip command that installs them.
+A scheme is a blob store (``target``: its adapter class) or a direct transport (``connect``:
+the function that joins a job over it; its ``target`` answers ``open_store`` with an error that
+explains why a transport has no put/get, and carries its options class). Third parties register
+more with ``register("myscheme", "mypkg.mod:MyAdapter", extra=...)`` (or ``connect=
+"mypkg.mod:connect"`` for a transport). A scheme whose optional dependencies are missing fails
+with the pip command that installs them.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import importlib
 import threading
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Optional, Union
 
 from .errors import ConfigError
 
@@ -19,6 +23,7 @@ class _Entry:
     target: Union[str, type]     # "module:Class" or the class itself
     extra: str | None            # pip extra that brings its dependencies
     requires: tuple              # top-level modules the adapter needs
+    connect: Union[str, Callable, None] = None   # a direct transport's "module:function"
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -27,13 +32,29 @@ _LOCK = threading.Lock()
 
 
 def register(scheme: str, target: Union[str, type], *, extra: str | None = None,
-             requires: tuple = (), replace: bool = False) -> None:
+             requires: tuple = (), replace: bool = False,
+             connect: Union[str, Callable, None] = None) -> None:
     scheme = scheme.lower()
     with _LOCK:
         if scheme in _REGISTRY and not replace:
             raise ConfigError(f"scheme {scheme!r} is already registered (pass replace=True)")
-        _REGISTRY[scheme] = _Entry(target, extra, tuple(requires))
+        _REGISTRY[scheme] = _Entry(target, extra, tuple(requires), connect)
         _LOADED.pop(scheme, None)
+
+
+def transport_connect(scheme: str) -> Optional[Callable]:
+    """The connect function of a direct transport scheme, or None for a store scheme."""
+    entry = _REGISTRY.get(scheme.lower())
+    if entry is None or entry.connect is None:
+        return None
+    if callable(entry.connect):
+        return entry.connect
+    module_name, _, attr = entry.connect.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _missing(scheme, entry, exc.name or module_name) from exc
+    return getattr(module, attr)
 
 
 def schemes() -> list[str]:
@@ -93,5 +114,7 @@ register("dynamodb", "cylon_store.adapters.dynamodb:DynamoDBAdapter", extra="dyn
 register("redis", "cylon_store.adapters.redis:RedisAdapter", extra="redis", requires=("redis",))
 register("rediss", "cylon_store.adapters.redis:RedisAdapter", extra="redis", requires=("redis",))
 # Direct transports answer open_store() with NotSupportedError naming cs.connect (and own options).
-register("mpi", "cylon_store.transports.mpi:MpiStoreAdapter", extra="mpi")
-register("ucx", "cylon_store.transports.ucx:UcxStoreAdapter", extra="ucx")
+register("mpi", "cylon_store.transports.mpi:MpiStoreAdapter", extra="mpi",
+         connect="cylon_store.transports.mpi:connect")
+register("ucx", "cylon_store.transports.ucx:UcxStoreAdapter", extra="ucx",
+         connect="cylon_store.transports.ucx:connect")

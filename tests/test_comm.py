@@ -461,7 +461,7 @@ def test_lost_announcements_are_covered_by_listing(monkeypatch):
     not the exchange."""
     from cylon_store.adapters.memory import MemoryAdapter
     monkeypatch.setattr(MemoryAdapter, "notify", lambda self, channel, message=b"": None)
-    monkeypatch.setattr("cylon_store.comm.LIST_FALLBACK", 0.2)
+    monkeypatch.setattr("cylon_store.store_comm.LIST_FALLBACK", 0.2)
     plan = rows_plan(3, "uniform", scale=5)
     assert cs.launch(rank_exchange, 3, store="memory://", launcher="threads",
                      args=(plan, False, 2), comm_timeout=30) == [0, 1, 2]

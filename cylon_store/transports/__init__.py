@@ -21,10 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..comm import (_REDUCE_OPS, Communicator, as_table, decode_value, empty_like, encode_value,
-                    normalize_parts, reduce_values)
-from ..errors import (ConfigError, ExchangeError, ExchangeTimeoutError, NotSupportedError,
-                      SchemaMismatchError, StoreError)
+from ..collective import Communicator, assemble, empty_like
+from ..errors import ConfigError, ExchangeTimeoutError, NotSupportedError
 
 #: Received streams start on this boundary, so Arrow buffers decode zero-copy and aligned.
 ALIGN = 64
@@ -138,29 +136,6 @@ def header_of(pieces: Sequence, nbytes: int) -> np.ndarray:
     return np.array([len(lens), *lens], dtype=np.int64)
 
 
-def assemble(what: str, seq: int, rank: int, world_size: int, own_schema: Optional[pa.Schema],
-             own: Optional[pa.Table], received: dict) -> list[pa.Table]:
-    """Results in rank order.  The reference schema is this rank's (or the first sender's, in
-    rank order); every received schema must equal it.  Since every rank sees every other
-    rank's schema in an exchange or allgather, a mismatch is raised on every rank."""
-    ref_schema, ref_rank = own_schema, (rank if own_schema is not None else None)
-    for src in sorted(received):
-        t = received[src]
-        if t is not None and ref_schema is None:
-            ref_schema, ref_rank = t.schema, src
-    for src in sorted(received):
-        t = received[src]
-        if t is not None and ref_schema is not None and not t.schema.equals(ref_schema):
-            raise SchemaMismatchError(
-                f"{what} {seq}: rank {src} sent a different schema than rank {ref_rank}:\n"
-                f"rank {ref_rank}: {ref_schema}\nrank {src}: {t.schema}", seq=seq)
-    out = []
-    for s in range(world_size):
-        t = own if s == rank else received.get(s)
-        out.append(empty_like(ref_schema) if t is None else t)
-    return out
-
-
 class DirectCommunicator(Communicator):
     """Sequencing, sticky failures and argument checks shared by the MPI and UCX
     communicators; subclasses implement ``_exchange``, ``_allgather``, ``_gather``, ``_bcast``,
@@ -175,43 +150,10 @@ class DirectCommunicator(Communicator):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.timeout = float(timeout)
-        self._seq = 0
-        self._failed: Optional[BaseException] = None
-        self._closed = False
-        #: Set by a launcher that runs ranks as threads: a failed sibling ends our waits now.
-        self.cancel_event = None
         self.stats = {"exchanges": 0, "rows_sent": 0, "rows_received": 0, "bytes_sent": 0,
                       "bytes_received": 0}
 
     # -- plumbing -----------------------------------------------------------------------
-    def _next(self, what: str) -> int:
-        if self._closed:
-            raise ExchangeError(f"{what}: the {self.scheme}:// communicator of job {self.job!r} "
-                                f"is closed", backend=self.scheme)
-        if self._failed is not None:
-            raise ExchangeError(f"{what}: an earlier collective of job {self.job!r} failed on rank "
-                                f"{self.rank}: {self._failed}", backend=self.scheme) from self._failed
-        self._seq += 1
-        return self._seq
-
-    def _run(self, what: str, seq: int, fn: Callable[[], Any]):
-        try:
-            return fn()
-        except (SchemaMismatchError, ConfigError):
-            raise  # the collective completed everywhere: the communicator stays usable
-        except StoreError as exc:
-            self._failed = exc
-            raise
-        except BaseException as exc:
-            err = ExchangeError(f"{what} {seq} failed on rank {self.rank}: {exc!r}", seq=seq,
-                                backend=self.scheme)
-            self._failed = err
-            raise err from exc
-
-    def _cancelled(self) -> bool:
-        ev = self.cancel_event
-        return ev is not None and ev.is_set()
-
     def _timeout_error(self, what: str, seq: int, missing: Sequence[int], detail: str = ""):
         missing = sorted(set(int(m) for m in missing))
         who = (f"rank(s) {missing}" if missing else
@@ -223,72 +165,37 @@ class DirectCommunicator(Communicator):
     def _deadline(self) -> float:
         return time.monotonic() + self.timeout
 
-    # -- collectives --------------------------------------------------------------------
-    def exchange(self, parts):
-        seq = self._next("exchange")
-        schema, parts = normalize_parts(parts, self.world_size, self.rank)
+    # -- collectives: the base class checks and sequences; tables travel as IPC streams ----
+    def _exchange_impl(self, seq, schema, parts):
+        me = self.rank
+        # A None part still carries the schema when other parts have one.
+        wire = [None if d == me else (parts[d] if parts[d] is not None else
+                                      (empty_like(schema) if schema is not None else None))
+                for d in range(self.world_size)]
+        received = self._exchange(seq, wire)
+        out = assemble("exchange", seq, me, self.world_size, schema, parts[me], received)
+        self.stats["exchanges"] += 1
+        self.stats["rows_sent"] += sum(t.num_rows for d, t in enumerate(wire) if t is not None)
+        self.stats["rows_received"] += sum(t.num_rows for s, t in enumerate(out) if s != me)
+        return out
 
-        def run():
-            me = self.rank
-            # A None part still carries the schema when other parts have one.
-            wire = [None if d == me else (parts[d] if parts[d] is not None else
-                                          (empty_like(schema) if schema is not None else None))
-                    for d in range(self.world_size)]
-            received = self._exchange(seq, wire)
-            out = assemble("exchange", seq, me, self.world_size, schema, parts[me], received)
-            self.stats["exchanges"] += 1
-            self.stats["rows_sent"] += sum(t.num_rows for d, t in enumerate(wire) if t is not None)
-            self.stats["rows_received"] += sum(t.num_rows for s, t in enumerate(out) if s != me)
-            return out
+    def _allgather_impl(self, seq, table):
+        return assemble("allgather", seq, self.rank, self.world_size,
+                        table.schema if table is not None else None, table,
+                        self._allgather(seq, table))
 
-        return self._run("exchange", seq, run)
+    def _gather_impl(self, seq, table, root):
+        received = self._gather(seq, table, root)
+        if self.rank != root:
+            return None
+        return assemble("gather", seq, self.rank, self.world_size,
+                        table.schema if table is not None else None, table, received)
 
-    def allgather(self, table):
-        seq = self._next("allgather")
-        table = as_table(table, "allgather")
-        return self._run("allgather", seq, lambda: assemble(
-            "allgather", seq, self.rank, self.world_size, table.schema if table is not None else None,
-            table, self._allgather(seq, table)))
+    def _bcast_impl(self, seq, table, root):
+        return self._bcast(seq, table, root)
 
-    def gather(self, table, root=0):
-        self._check_root(root, "gather")
-        seq = self._next("gather")
-        table = as_table(table, "gather")
-
-        def run():
-            received = self._gather(seq, table, int(root))
-            if self.rank != root:
-                return None
-            return assemble("gather", seq, self.rank, self.world_size,
-                            table.schema if table is not None else None, table, received)
-
-        return self._run("gather", seq, run)
-
-    def bcast(self, table, root=0):
-        self._check_root(root, "bcast")
-        seq = self._next("bcast")
-        table = as_table(table, "bcast")
-        if self.rank == root and table is None:
-            raise ConfigError(f"bcast: the root (rank {root}) must pass a table")
-        return self._run("bcast", seq, lambda: self._bcast(seq, table, int(root)))
-
-    def barrier(self):
-        seq = self._next("barrier")
-        self._run("barrier", seq, lambda: self._barrier(seq))
-
-    def allreduce(self, value, op: str = "sum"):
-        """Allgather of the encoded values, then a reduction in rank order (bit-identical on
-        every rank).  Values of different dtype or shape raise ConfigError on every rank."""
-        if op not in _REDUCE_OPS:
-            raise ConfigError(f"allreduce op must be one of {list(_REDUCE_OPS)}, got {op!r}")
-        tables = self.allgather(encode_value(value))
-        values = [decode_value(t) for t in tables]
-        sigs = [(np.asarray(v).dtype.str, np.shape(v)) for v in values]
-        odd = [r for r, s in enumerate(sigs) if s != sigs[0]]
-        if odd:
-            raise ConfigError(f"allreduce: ranks passed values of different dtype or shape: rank 0 "
-                              f"{sigs[0]}, rank(s) {odd} {[sigs[r] for r in odd]}")
-        return reduce_values(values, op)
+    def _barrier_impl(self, seq):
+        self._barrier(seq)
 
     # -- to implement -------------------------------------------------------------------
     def _exchange(self, seq: int, wire: list) -> dict:

@@ -28,7 +28,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from ..comm import _REDUCE_OPS, DEFAULT_TIMEOUT
+from ..collective import DEFAULT_TIMEOUT, REDUCE_OPS
 from ..config import Size, StoreOptions, build_options, option_names, split_url
 from ..errors import ConfigError, ExchangeError, ExchangeTimeoutError, RendezvousError
 from ..registry import option_classes_of_other_schemes
@@ -429,8 +429,8 @@ class MpiCommunicator(DirectCommunicator):
         """MPI_Iallreduce on numpy data (bool with logical ops, integers, float32/64, complex for
         sum/prod); other dtypes reduce through allgather.  Ranks must pass the same dtype and
         shape — checked first, a mismatch raises ConfigError on every rank."""
-        if op not in _REDUCE_OPS:
-            raise ConfigError(f"allreduce op must be one of {list(_REDUCE_OPS)}, got {op!r}")
+        if op not in REDUCE_OPS:
+            raise ConfigError(f"allreduce op must be one of {list(REDUCE_OPS)}, got {op!r}")
         arr = np.asarray(value)
         if arr.dtype == object or arr.dtype.kind not in "biufc":
             raise ConfigError(f"allreduce takes numbers or numeric numpy arrays, got "

@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from .. import keys as K
-from ..comm import DEFAULT_TIMEOUT, _handshake, resolve_world
+from ..collective import DEFAULT_TIMEOUT, resolve_world
+from ..rendezvous import handshake
 from ..config import Size, StoreOptions, build_options, option_names, split_url
 from ..errors import ConfigError, ExchangeError, StoreError
 from ..registry import option_classes_of_other_schemes
@@ -399,7 +400,7 @@ def connect(url: str, *, job: str, rank: Optional[int] = None, world_size: Optio
     comm = None
     joined = False
     try:
-        rank, token, members, used_counter = _handshake(
+        rank, token, members, used_counter = handshake(
             store, job, rank, int(world_size), opts.claim, timeout,
             {**(info or {}), "ucx_address": address})
         joined = True
