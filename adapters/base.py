@@ -23,11 +23,12 @@ list                every key starting with ``prefix`` (plain string prefix), or
 
 from __future__ import annotations
 
+import abc
 import enum
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Optional, Sequence, Union
+from typing import ClassVar, Iterable, Literal, Optional, Sequence, Union
 
 from cylon_store.errors import NotSupportedError
 
@@ -44,12 +45,17 @@ class PutMode(enum.Enum):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do, as data the facade and the communicator read."""
+    """What a backend can do, as data the facade and the communicator read.
+
+    Defaults are the conservative ones: an adapter that does not declare an ability is not
+    assumed to have it (a forgotten ``conditional_create`` must not make a racy overwrite pass
+    for an atomic create).
+    """
 
     #: ``PutMode.CREATE`` is atomic (exactly one concurrent creator wins).
-    conditional_create: bool = True
+    conditional_create: bool = False
     #: ``get(key, byte_range=...)`` reads only the range (otherwise the facade reads it all).
-    byte_ranges: bool = True
+    byte_ranges: bool = False
     #: Largest object one put may write, in bytes (None: no limit but memory/disk).
     max_object_size: Optional[int] = None
     #: ``notify``/``wait`` implemented: waiters block instead of polling.
@@ -57,9 +63,21 @@ class Capabilities:
     #: ``incr`` implemented: an atomic counter (rendezvous by increment).
     atomic_counter: bool = False
     #: The payload iterator is consumed incrementally (memory bounded by one chunk).
-    streaming_put: bool = True
-    #: The transport moves data rank to rank directly (UCX, MPI), not through storage.
-    point_to_point: bool = False
+    streaming_put: bool = False
+    #: How the backend bills use: ``"none"`` (provisioned, or free), ``"requests"`` (every
+    #: request at a flat price, like S3: the exchange picks the strategy with the fewest
+    #: requests and polls less often) or ``"units"`` (by the size each request moves, like
+    #: DynamoDB's capacity units: fewer requests, but never a strategy that moves bytes twice).
+    billing: Literal["none", "requests", "units"] = "none"
+
+    def __post_init__(self):
+        if self.billing not in ("none", "requests", "units"):
+            raise ValueError(f"Capabilities.billing must be 'none', 'requests' or 'units', "
+                             f"got {self.billing!r}")
+
+    @property
+    def request_priced(self) -> bool:
+        return self.billing != "none"
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,7 @@ class Stats:
             self.bytes_out = self.bytes_in = 0
 
 
-class BlobAdapter:
+class BlobAdapter(abc.ABC):
     """Base of blob adapters: subclasses set ``scheme``, ``Config``, ``capabilities`` and
     implement the five operations.  Constructed by the facade with the URL location, the
     adapter's frozen config, the store's ``Stats`` and (keyword ``options``) its ``StoreOptions``; must not do network I/O in ``__init__``
@@ -143,20 +161,25 @@ class BlobAdapter:
         self.options = options
 
     # -- the contract -------------------------------------------------------------------
+    @abc.abstractmethod
     def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:
         """Write the concatenation of ``chunks`` under ``key``; return the bytes written."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def get(self, key: str, byte_range: Optional[tuple[int, int]] = None,
             if_version: Optional[str] = None) -> BufferLike:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def head(self, key: str) -> ObjectMeta:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def delete_many(self, keys: Sequence[str]) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def list(self, prefix: str) -> list[ObjectMeta]:
         raise NotImplementedError
 

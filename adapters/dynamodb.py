@@ -165,7 +165,7 @@ class DynamoDBAdapter(BlobAdapter):
     Config = DynamoDBConfig
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=DEFAULT_MAX_OBJECT_SIZE, notification=False,
-                                atomic_counter=True, streaming_put=True)
+                                atomic_counter=True, streaming_put=True, billing="units")
 
     def __init__(self, location: str, config: DynamoDBConfig, stats,
                  options: Optional[StoreOptions] = None):

@@ -142,7 +142,7 @@ class S3Adapter(BlobAdapter):
     Config = S3Config
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=MAX_OBJECT_SIZE, notification=False,
-                                atomic_counter=False, streaming_put=True)
+                                atomic_counter=False, streaming_put=True, billing="requests")
 
     def __init__(self, location: str, config: S3Config, stats,
                  options: Optional[StoreOptions] = None):

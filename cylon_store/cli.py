@@ -108,7 +108,7 @@ def clean(args) -> int:
             store.delete_many(doomed)
             for counter in ([K.counter_key(args.job)] if args.job else []):
                 try:
-                    store.adapter.delete_counter(counter)
+                    store.delete_counter(counter)
                 except cs.StoreError:
                     pass
         print(f"{'would delete' if args.dry_run else 'deleted'} {len(doomed)} key(s) under {prefix}")

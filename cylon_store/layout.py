@@ -37,8 +37,6 @@ import xxhash
 from .errors import ConfigError, IntegrityError
 
 STRATEGIES = ("auto", "direct", "combined", "twolevel")
-#: Backends that bill per request: there, fewer requests beat fewer round trips.
-REQUEST_PRICED = frozenset({"s3", "dynamodb"})
 
 _COMBINED_MAGIC = b"CYLXCMB1"
 _PIECES_MAGIC = b"CYLXPCS1"
@@ -247,17 +245,18 @@ def request_cost_usd(requests: dict, put_per_1000: float = 0.005, get_per_1000: 
         requests.get("get", 0) * get_per_1000 / 1000
 
 
-def cheapest_strategy(world_size: int, scheme: str) -> str:
-    """The strategy ``exchange="auto"`` picks on a request-priced backend.
+def cheapest_strategy(world_size: int, billing: str) -> str:
+    """The strategy ``exchange="auto"`` picks on a backend that bills use (``Capabilities.billing``).
 
-    S3 bills requests: the cheapest of the models at S3 prices (combined from P = 3; two-level
-    once its ~2P√P requests undercut combined's P PUTs + P(P-1) GETs: from P = 21 on).  DynamoDB
-    bills bytes (a write unit per KiB of every item), and the two-level exchange writes every
-    byte twice, so there it stays combined.
+    ``"requests"`` (S3 and compatibles: a flat price per request): the cheapest of the models
+    at S3 prices (combined from P = 3; two-level once its ~2P√P requests undercut combined's
+    P PUTs + P(P-1) GETs: from P = 21 on).  ``"units"`` (DynamoDB: a write unit per KiB of every
+    item): the two-level exchange writes every byte twice, so there it stays combined.
+    ``"none"``: direct (requests are free; the fewest round trips win).
     """
-    if world_size < 3:
+    if billing == "none" or world_size < 3:
         return "direct"
-    if scheme != "s3":
+    if billing != "requests":
         return "combined"
     costs = {s: request_cost_usd(request_model(world_size, s)) for s in ("combined", "twolevel")}
     return "twolevel" if costs["twolevel"] < costs["combined"] else "combined"
@@ -276,7 +275,7 @@ def expect_slot(buf, length: int, where: Callable[[], dict]):
     return buf
 
 
-__all__ = ["STRATEGIES", "REQUEST_PRICED", "Grid", "combined_header", "combined_header_size",
+__all__ = ["STRATEGIES", "Grid", "combined_header", "combined_header_size",
            "parse_combined_header", "slot_range", "encode_tag", "decode_tag", "tag_fits",
            "pieces_header", "parse_pieces", "request_model", "request_cost_usd",
            "cheapest_strategy", "find_slot", "expect_slot"]

@@ -83,6 +83,11 @@ def adapter_class(scheme: str) -> type:
         cls = getattr(module, attr)
     else:
         cls = entry.target
+    missing = sorted(getattr(cls, "__abstractmethods__", ()))
+    if missing:  # the contract is enforced, not assumed: name what a third party left out
+        raise ConfigError(f"the adapter {cls.__module__}.{cls.__qualname__} registered for "
+                          f"{scheme}:// does not implement {', '.join(missing)} (see "
+                          f"cylon_store.adapters.base.BlobAdapter)")
     with _LOCK:
         _LOADED[scheme] = cls
     return cls

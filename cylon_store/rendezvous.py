@@ -56,7 +56,7 @@ class CounterRendezvous:
         if not store.capabilities.atomic_counter:
             raise ConfigError(f"the {store.scheme}:// backend has no atomic counter; use "
                               f"rendezvous='store'")
-        rank = store.adapter.incr(K.counter_key(job)) - 1
+        rank = store.incr(K.counter_key(job)) - 1
         if rank >= world_size:
             raise RendezvousError(
                 f"job {job!r}: rank counter reached {rank + 1} for a world of {world_size}; an "

@@ -13,6 +13,7 @@ import uuid
 from typing import Iterable, Optional, Union
 from urllib.parse import urlencode
 
+import numpy as np
 import pyarrow as pa
 
 from . import codec, retry
@@ -274,6 +275,7 @@ class Store:
         """Raw bytes, or the range ``[start, end)`` of them (clipped to the object's size); on a
         backend without native byte ranges the whole object is read and sliced here."""
         validate_key(key, backend=self.scheme, op="get")
+        byte_range = _check_range(byte_range, self.scheme, key)
         native = byte_range is None or self.adapter.capabilities.byte_ranges
         buf = self._retrying(lambda: self.adapter.get(key, byte_range=byte_range if native else None),
                              idempotent=True)
@@ -287,12 +289,70 @@ class Store:
         self._stats.received(len(memoryview(buf)))
         return buf
 
+    # -- optional abilities, by capability (validated, counted; retried where idempotent) ----
+    def notify(self, channel: str, message: bytes = b"") -> None:
+        """Leave ``message`` on ``channel`` for a ``wait`` (backends with ``notification``).
+        Not retried: a second delivery would duplicate the message."""
+        validate_key(channel, backend=self.scheme, op="notify")
+        self._require("notification", "notify", channel)
+        self.adapter.notify(channel, bytes(message))
+        self._stats.count("notify")
+
+    def wait(self, channel: str, timeout: float) -> list:
+        """Take every message on ``channel``, blocking up to ``timeout`` s for the first; ``[]``
+        on timeout. Not retried: the messages taken by a failed attempt may be gone."""
+        validate_key(channel, backend=self.scheme, op="wait")
+        self._require("notification", "wait", channel)
+        if not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ConfigError(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
+        got = self.adapter.wait(channel, float(timeout))
+        self._stats.count("wait")
+        return got
+
+    def incr(self, key: str) -> int:
+        """Add one to the atomic counter ``key`` (created at 0) and return the new value
+        (backends with ``atomic_counter``). Not retried: it is not idempotent."""
+        validate_key(key, backend=self.scheme, op="incr")
+        self._require("atomic_counter", "incr", key)
+        value = self.adapter.incr(key)
+        self._stats.count("incr")
+        return value
+
+    def delete_counter(self, key: str) -> None:
+        """Remove the counter ``key``; a missing one is not an error (retried: idempotent)."""
+        validate_key(key, backend=self.scheme, op="delete_counter")
+        self._require("atomic_counter", "delete_counter", key)
+        self._retrying(lambda: self.adapter.delete_counter(key), idempotent=True)
+        self._stats.count("delete")
+
+    def _require(self, capability: str, op: str, key: str) -> None:
+        if not getattr(self.adapter.capabilities, capability):
+            raise NotSupportedError(f"this backend does not declare {capability}", backend=self.scheme,
+                                    op=op, key=key)
+
     def stats(self) -> dict:
         """Requests by kind, bytes out/in and retries since the store was opened."""
         return self._stats.snapshot()
 
     def reset_stats(self) -> None:
         self._stats.reset()
+
+
+def _check_range(byte_range, scheme: str, key: str) -> Optional[tuple[int, int]]:
+    """``(start, end)``: two non-negative ints, checked once here for every backend. As with a
+    Python slice, an end past the object is clipped and an end before the start reads nothing
+    (normalised here to ``(start, start)``)."""
+    if byte_range is None:
+        return None
+    try:
+        start, end = byte_range
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, end))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or start < 0 or end < 0:
+        raise ConfigError(f"byte_range must be (start, end), two integers >= 0, got "
+                          f"{byte_range!r}", backend=scheme, op="get", key=key)
+    return int(start), max(int(start), int(end))
 
 
 def _mode(mode) -> PutMode:

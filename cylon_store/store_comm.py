@@ -23,7 +23,7 @@ from . import keys as K
 from .collective import Communicator, check_schema, empty_like
 from .errors import (ConfigError, ExchangeError, ExchangeTimeoutError, IntegrityError,
                      NotFoundError, StoreError)
-from .layout import (REQUEST_PRICED, STRATEGIES, Grid, cheapest_strategy, combined_header,
+from .layout import (STRATEGIES, Grid, cheapest_strategy, combined_header,
                      combined_header_size, decode_tag, encode_tag, expect_slot, find_slot,
                      parse_combined_header, parse_pieces, pieces_header, slot_range)
 from .retry import poll_delays
@@ -53,9 +53,9 @@ def choose_strategy(exchange: str, store: Store, world_size: int) -> str:
             raise ConfigError(f"exchange={exchange!r} needs byte-range reads, which the "
                               f"{store.scheme}:// backend does not declare")
         return exchange
-    if store.scheme in REQUEST_PRICED and store.capabilities.byte_ranges:
+    if store.capabilities.request_priced and store.capabilities.byte_ranges:
         # Fewer requests where each is billed (see layout.cheapest_strategy for the numbers).
-        return cheapest_strategy(world_size, store.scheme)
+        return cheapest_strategy(world_size, store.capabilities.billing)
     return "direct"
 
 
@@ -77,8 +77,9 @@ class StoreCommunicator(Communicator):
         self.strategy = choose_strategy(exchange, store, world_size)
         #: Longest sleep between two polls: short where a LIST is free (local disk, shared
         #: memory, Redis), longer where every LIST is billed.
-        self.poll_cap = 0.1 if store.scheme in REQUEST_PRICED else 0.02
-        self.poll_first = 0.01 if store.scheme in REQUEST_PRICED else 0.001
+        priced = store.capabilities.request_priced
+        self.poll_cap = 0.1 if priced else 0.02
+        self.poll_first = 0.01 if priced else 0.001
         self._shared: list[tuple[int, str]] = []   # (seq, key) objects all ranks read; ours to delete
         self._pool = ThreadPoolExecutor(max_workers=store.options.concurrency,
                                         thread_name_prefix=f"cylon-r{rank}")
@@ -99,7 +100,7 @@ class StoreCommunicator(Communicator):
             message = key.encode()
             for d in targets:
                 if d != self.rank:
-                    self.store.adapter.notify(K.channel(self.job, self.token, d), message)
+                    self.store.notify(K.channel(self.job, self.token, d), message)
 
     def _receive(self, what: str, seq: int, srcs: list[int], dst: Optional[int], *,
                  delete: bool, read: Optional[Callable[[str], Any]] = None,
@@ -160,7 +161,7 @@ class StoreCommunicator(Communicator):
                     f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
             if self._notify:
-                got = self.store.adapter.wait(self._inbox, min(remaining, 0.25))
+                got = self.store.wait(self._inbox, min(remaining, 0.25))
                 if isinstance(got, list):
                     self._mailbox.update(m.decode() for m in got if m)
                 else:   # an adapter whose wait only wakes us up
@@ -445,12 +446,12 @@ class StoreCommunicator(Communicator):
         store.delete_many(sorted(set(leftovers)))
         if self._used_counter and self.rank == 0:
             try:
-                store.adapter.delete_counter(K.counter_key(self.job))
+                store.delete_counter(K.counter_key(self.job))
             except StoreError:
                 pass
         if self._notify:
             try:
-                store.adapter.wait(self._inbox, 0)  # drain announcements left for us
+                store.wait(self._inbox, 0)  # drain announcements left for us
             except StoreError:
                 pass
 

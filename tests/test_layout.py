@@ -54,10 +54,11 @@ def test_twolevel_within_the_target_asymptotically(P):
 
 
 def test_auto_picks_by_price():
-    assert cheapest_strategy(2, "s3") == "direct"
-    assert [cheapest_strategy(P, "s3") for P in (3, 8, 16, 20)] == ["combined"] * 4
-    assert [cheapest_strategy(P, "s3") for P in (21, 64, 1000)] == ["twolevel"] * 3
-    assert cheapest_strategy(1000, "dynamodb") == "combined"   # bytes are billed there
+    assert cheapest_strategy(2, "requests") == "direct"
+    assert [cheapest_strategy(P, "requests") for P in (3, 8, 16, 20)] == ["combined"] * 4
+    assert [cheapest_strategy(P, "requests") for P in (21, 64, 1000)] == ["twolevel"] * 3
+    assert cheapest_strategy(1000, "units") == "combined"   # bytes are billed there (DynamoDB)
+    assert cheapest_strategy(1000, "none") == "direct"
 
 
 @given(st.lists(st.integers(0, 36 ** 8 - 1), min_size=1, max_size=300))

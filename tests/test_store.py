@@ -83,6 +83,73 @@ def test_missing_adapter_module_gives_install_hint(scheme):
         cs.open_store(f"{scheme}://x")
 
 
+def test_incomplete_third_party_adapter_is_named(scheme):
+    """The contract is enforced: an adapter that leaves out an operation fails when its scheme
+    is opened, naming what is missing; one that declares nothing is assumed to have nothing."""
+    from cylon_store.adapters.base import BlobAdapter, Capabilities
+
+    class HalfDone(BlobAdapter):
+        scheme = "halfdone"
+
+        def put(self, key, chunks, mode=None):
+            return 0
+
+        def get(self, key, byte_range=None, if_version=None):
+            return b""
+
+    cs.register(scheme, HalfDone)
+    with pytest.raises(cs.ConfigError, match="does not implement delete_many, head, list"):
+        cs.open_store(f"{scheme}://x")
+    caps = Capabilities()
+    assert not (caps.conditional_create or caps.byte_ranges or caps.streaming_put
+                or caps.notification or caps.atomic_counter or caps.request_priced)
+    with pytest.raises(ValueError, match="billing"):
+        Capabilities(billing="sometimes")
+
+
+def test_request_priced_backend_under_any_scheme_gets_the_cheap_exchange(scheme):
+    """The exchange strategy follows the declared billing, not the scheme's name: an
+    S3-compatible adapter registered under its own scheme opts in."""
+    import dataclasses
+
+    from cylon_store.comm import choose_strategy
+
+    class PricedMemory(MemoryAdapter):
+        capabilities = dataclasses.replace(MemoryAdapter.capabilities, billing="requests")
+
+    cs.register(scheme, PricedMemory)
+    with cs.open_store(f"{scheme}://priced") as s:
+        assert choose_strategy("auto", s, 8) == "combined"
+        assert choose_strategy("auto", s, 64) == "twolevel"
+    with cs.open_store("memory://") as s:
+        assert choose_strategy("auto", s, 64) == "direct"
+
+
+def test_byte_ranges_are_checked_once_in_the_facade():
+    with cs.open_store("memory://") as s:
+        s.put_bytes("k", b"0123456789")
+        assert bytes(s.get_bytes("k", (2, 5))) == b"234"
+        assert bytes(s.get_bytes("k", (8, 50))) == b"89"      # end clipped to the object
+        assert bytes(s.get_bytes("k", (5, 2))) == b""         # as a slice: nothing
+        for bad in ((-1, 3), (2, -1), (0.5, 3), ("a", "b"), (1,), (True, 3), 7):
+            with pytest.raises(cs.ConfigError, match="byte_range"):
+                s.get_bytes("k", bad)
+
+
+def test_optional_abilities_go_through_the_facade():
+    with cs.open_store("memory://") as s:
+        s.notify("_cylon/chan", b"m")
+        assert s.wait("_cylon/chan", 1.0) == [b"m"]
+        assert [s.incr("_cylon/n") for _ in range(2)] == [1, 2]
+        s.delete_counter("_cylon/n")
+        assert s.stats()["requests"]["notify"] == 1 and s.stats()["requests"]["incr"] == 2
+        with pytest.raises(cs.ConfigError):
+            s.wait("_cylon/chan", -1)
+    with cs.open_store("memory://t-facade-shared?shared=true") as s:  # shared memory: no notification
+        with pytest.raises(cs.NotSupportedError, match="notification"):
+            s.notify("_cylon/chan")
+
+
 def test_third_party_adapter_class(scheme):
     class TaggedMemory(MemoryAdapter):
         scheme = "tagged"

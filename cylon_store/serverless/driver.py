@@ -293,7 +293,7 @@ def _wait(state: LambdaRun, function_timeout: float, start_timeout: float,
                                   f"{missing} did not report", rank=missing[0] if missing else None)
         wait_s = next(delays)
         if notify:
-            store.adapter.wait(K.lambda_channel(job), max(wait_s, 0.25))
+            store.wait(K.lambda_channel(job), max(wait_s, 0.25))
         else:
             time.sleep(wait_s)
 

@@ -191,7 +191,7 @@ def _watch_abort(store, job: str, cancel: threading.Event, stop: threading.Event
 
 def _notify(store, job: str, message: str) -> None:
     if store.capabilities.notification:
-        store.adapter.notify(K.lambda_channel(job), message.encode())
+        store.notify(K.lambda_channel(job), message.encode())
 
 
 def _max_rss_mb() -> float:

@@ -420,7 +420,7 @@ def connect(url: str, *, job: str, rank: Optional[int] = None, world_size: Optio
         store.delete_many([K.hello_key(job, rank)])
         if used_counter and rank == 0:
             try:
-                store.adapter.delete_counter(K.counter_key(job))
+                store.delete_counter(K.counter_key(job))
             except StoreError:
                 pass
         return comm
