@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -150,13 +151,19 @@ def split_url(url: str) -> tuple[str, str, dict[str, str]]:
 def build_options(classes: typing.Sequence[type], *, kwargs: dict, query: dict,
                   env: typing.Mapping[str, str] | None = None,
                   known_env: typing.Callable[[], typing.Iterable[str]] = tuple,
-                  what: str = "store") -> list:
+                  what: str = "store", scheme: str | None = None,
+                  common: typing.Sequence[type] = ()) -> list:
     """Build one frozen instance per dataclass in ``classes`` from the three sources.
 
-    ``known_env()`` lists option names that belong to other backends (called only when needed,
-    since it may import adapters): such ``CYLON_STORE_*``
-    variables are left alone (the environment is shared by every store a process opens), while
-    variables that match no option of any backend, nor a reserved name, are an error.
+    Precedence: keyword arguments, then the URL query, then the environment. In the
+    environment, options of every backend (``common``: ``StoreOptions``) are
+    ``CYLON_STORE_<OPTION>``; a backend's own options are ``CYLON_STORE_<SCHEME>_<OPTION>``
+    (``CYLON_STORE_REDIS_CHUNK_SIZE``), so one environment can configure several backends
+    without collisions. The flat ``CYLON_STORE_<OPTION>`` of a backend option still works, with
+    a DeprecationWarning naming the new variable. ``known_env()`` lists the flat option names of
+    other backends (called only when needed, since it may import adapters): such variables are
+    left alone, while variables that match no option of any backend, nor a reserved name, are an
+    error; so are unknown options in this backend's own namespace.
     """
     env = os.environ if env is None else env
     fields: dict[str, tuple[type, dataclasses.Field, typing.Any]] = {}
@@ -164,6 +171,8 @@ def build_options(classes: typing.Sequence[type], *, kwargs: dict, query: dict,
         for name, (f, ann) in _fields(cls).items():
             fields[name] = (cls, f, ann)
     valid = sorted(fields)
+    common_names = set(option_names(*common))
+    own_prefix = f"{ENV_PREFIX}{scheme.upper()}_" if scheme else None
 
     for source, given in (("keyword argument", kwargs), ("URL query option", query)):
         for name in given:
@@ -171,7 +180,9 @@ def build_options(classes: typing.Sequence[type], *, kwargs: dict, query: dict,
                 raise ConfigError(f"unknown {what} {source} {name!r}; valid options: "
                                   f"{', '.join(valid) or '(none)'}")
     known_elsewhere: set | None = None
+    other_namespaces: tuple | None = None
     env_values: dict[str, str] = {}
+    scoped: dict[str, str] = {}
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
@@ -179,14 +190,33 @@ def build_options(classes: typing.Sequence[type], *, kwargs: dict, query: dict,
         if name.upper() in RESERVED_ENV or name.upper().startswith(RESERVED_ENV_PREFIXES):
             continue
         if name in fields:
+            if scheme and name not in common_names:
+                warnings.warn(f"{var} is deprecated: {scheme}:// options in the environment are "
+                              f"{own_prefix}<OPTION> ({own_prefix}{name.upper()})",
+                              DeprecationWarning, stacklevel=3)
             env_values[name] = value
-        else:
-            if known_elsewhere is None:
-                known_elsewhere = set(known_env())
-            if name in known_elsewhere:
-                continue
-            raise ConfigError(f"unknown {what} option in environment variable {var}; valid "
-                              f"options: {', '.join(valid) or '(none)'}")
+            continue
+        if own_prefix and var.startswith(own_prefix):
+            option = var[len(own_prefix):].lower()
+            if option not in fields or option in common_names:
+                mine = sorted(set(fields) - common_names)
+                raise ConfigError(f"unknown {scheme}:// option in environment variable {var}; "
+                                  f"{scheme}:// options: {', '.join(mine) or '(none)'} (options "
+                                  f"of every backend are {ENV_PREFIX}<OPTION>)")
+            scoped[option] = value
+            continue
+        if other_namespaces is None:
+            from .registry import schemes
+            other_namespaces = tuple(f"{s.upper()}_" for s in schemes() if s != scheme)
+        if name.upper().startswith(other_namespaces):
+            continue  # another backend's own option
+        if known_elsewhere is None:
+            known_elsewhere = set(known_env())
+        if name in known_elsewhere:
+            continue
+        raise ConfigError(f"unknown {what} option in environment variable {var}; valid "
+                          f"options: {', '.join(valid) or '(none)'}")
+    env_values.update(scoped)  # the namespaced variable wins over a deprecated flat one
 
     values: dict[type, dict] = {cls: {} for cls in classes}
     for name, (cls, f, ann) in fields.items():

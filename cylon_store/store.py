@@ -91,7 +91,8 @@ class Store:
         self._given = {"query": dict(query), "kwargs": dict(options)}
         known = lambda: option_names(*option_classes_of_other_schemes(scheme))  # noqa: E731
         self.options, self.adapter_config = build_options(
-            [StoreOptions, cls.Config], kwargs=options, query=query, known_env=known)
+            [StoreOptions, cls.Config], kwargs=options, query=query, known_env=known,
+            scheme=scheme, common=[StoreOptions])
         self._stats = Stats()
         self._adapter: Optional[BlobAdapter] = None
         self._lock = threading.Lock()

@@ -39,15 +39,34 @@ def test_options_from_kwargs(tmp_path):
 
 
 def test_options_from_environment(monkeypatch, tmp_path):
+    """Options of every backend are CYLON_STORE_<OPTION>; a backend's own are namespaced,
+    CYLON_STORE_<SCHEME>_<OPTION>, and another backend's namespace is left alone."""
     monkeypatch.setenv("CYLON_STORE_COMPRESSION", "zstd")
     monkeypatch.setenv("CYLON_STORE_SEGMENT_SIZE", "1MiB")
-    monkeypatch.setenv("CYLON_STORE_FSYNC", "false")
+    monkeypatch.setenv("CYLON_STORE_FILE_FSYNC", "false")
+    monkeypatch.setenv("CYLON_STORE_REDIS_CHUNK_SIZE", "1MiB")
     with cs.open_store(file_url(tmp_path)) as s:
         assert s.options.compression == "zstd" and s.options.segment_size == 1 << 20
         assert s.adapter_config.fsync is False
-    # FSYNC belongs to the file backend: a memory store leaves it alone instead of failing
     with cs.open_store("memory://") as s:
         assert s.options.compression == "zstd"
+    monkeypatch.setenv("CYLON_STORE_FILE_FSINK", "false")
+    with pytest.raises(cs.ConfigError, match="CYLON_STORE_FILE_FSINK.*fsync"):
+        cs.open_store(file_url(tmp_path))
+
+
+def test_flat_backend_option_in_environment_is_deprecated(monkeypatch, tmp_path):
+    monkeypatch.setenv("CYLON_STORE_FSYNC", "false")
+    with pytest.warns(DeprecationWarning, match="CYLON_STORE_FILE_FSYNC"):
+        with cs.open_store(file_url(tmp_path)) as s:
+            assert s.adapter_config.fsync is False
+    # FSYNC belongs to the file backend: a memory store leaves it alone instead of failing
+    with cs.open_store("memory://") as s:
+        assert s.options.retries >= 1
+    monkeypatch.setenv("CYLON_STORE_FILE_FSYNC", "true")  # the namespaced one wins
+    with pytest.warns(DeprecationWarning):
+        with cs.open_store(file_url(tmp_path)) as s:
+            assert s.adapter_config.fsync is True
 
 
 def test_precedence_kwargs_over_query_over_env(monkeypatch):
