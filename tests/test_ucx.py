@@ -221,6 +221,11 @@ def test_options_are_checked(monkeypatch):
         cs.connect("ucx://?progress=sometimes", job="opts", world_size=2)
     with pytest.raises(cs.ConfigError, match="claim"):
         cs.connect("ucx://", job="opts", world_size=2, claim="lottery", rendezvous="file:///tmp")
+    # the environment: ucx:// options in their own namespace, another backend's left alone
+    monkeypatch.setenv("CYLON_STORE_MPI_SOMETHING", "1")
+    monkeypatch.setenv("CYLON_STORE_UCX_PROGRES", "blocking")
+    with pytest.raises(cs.ConfigError, match="CYLON_STORE_UCX_PROGRES.*progress"):
+        cs.connect("ucx://", job="opts", world_size=2, rendezvous="file:///tmp")
 
 
 def test_world_of_one_needs_no_rendezvous():

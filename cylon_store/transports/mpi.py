@@ -80,13 +80,11 @@ def _options(url: str, options: dict) -> MpiOptions:
     scheme, location, query = split_url(url)
     if location.split("://", 1)[1].strip("/") not in ("", "world"):
         raise ConfigError(f"mpi:// takes no location (ranks come from MPI), got {url!r}")
-    from .ucx import UcxOptions  # light: ucxx itself is imported only when connecting
-
-    def known():
-        return option_names(StoreOptions, UcxOptions, *option_classes_of_other_schemes("mpi"))
+    def known():  # flat (deprecated) option names of the other backends, from the registry
+        return option_names(StoreOptions, *option_classes_of_other_schemes("mpi"))
 
     (opts,) = build_options([MpiOptions], kwargs=options, query=query, known_env=known,
-                            what="mpi:// transport")
+                            what="mpi:// transport", scheme="mpi")
     return opts
 
 

@@ -115,13 +115,11 @@ def _options(url: str, options: dict) -> UcxOptions:
     if location.split("://", 1)[1].strip("/"):
         raise ConfigError(f"ucx:// takes no location, only options (e.g. "
                           f"ucx://?rendezvous=redis://host:6379), got {url!r}")
-    from .mpi import MpiOptions
-
-    def known():
-        return option_names(StoreOptions, MpiOptions, *option_classes_of_other_schemes("ucx"))
+    def known():  # flat (deprecated) option names of the other backends, from the registry
+        return option_names(StoreOptions, *option_classes_of_other_schemes("ucx"))
 
     (opts,) = build_options([UcxOptions], kwargs=options, query=query, known_env=known,
-                            what="ucx:// transport")
+                            what="ucx:// transport", scheme="ucx")
     return opts
 
 
