@@ -24,16 +24,22 @@ list                every key starting with ``prefix`` (plain string prefix), or
 from __future__ import annotations
 
 import abc
+import builtins
 import enum
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Literal, Optional, Sequence, Union
 
 from cylon_store.errors import NotSupportedError
 
+if TYPE_CHECKING:
+    import pyarrow
+
+    from cylon_store.config import StoreOptions
+
 #: What ``put`` accepts as one chunk of payload: anything with the buffer protocol.
-BufferLike = Union[bytes, bytearray, memoryview, "pyarrow.Buffer"]  # noqa: F821
+BufferLike = Union[bytes, bytearray, memoryview, "pyarrow.Buffer"]
 
 
 class PutMode(enum.Enum):
@@ -70,7 +76,7 @@ class Capabilities:
     #: DynamoDB's capacity units: fewer requests, but never a strategy that moves bytes twice).
     billing: Literal["none", "requests", "units"] = "none"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.billing not in ("none", "requests", "units"):
             raise ValueError(f"Capabilities.billing must be 'none', 'requests' or 'units', "
                              f"got {self.billing!r}")
@@ -95,10 +101,12 @@ class Stats:
     write units) under their own names with ``count``.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: Counter = Counter()
-        self._extra: Counter = Counter()
+        self._requests: Counter[str] = Counter()
+        # Amounts may be fractional (e.g. capacity units); int-valued until a float is added,
+        # as a Counter was.
+        self._extra: defaultdict[str, float] = defaultdict(int)
         self.bytes_out = 0   # written to the backend
         self.bytes_in = 0    # read from the backend
 
@@ -118,7 +126,7 @@ class Stats:
         with self._lock:
             self.bytes_in += nbytes
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             # Adapters that count their backend's own requests name them "<scheme>.<KIND>";
             # where they do, those are the billable total, not the facade's logical operations.
@@ -152,7 +160,8 @@ class BlobAdapter(abc.ABC):
     Config: ClassVar[type]
     capabilities: Capabilities = Capabilities()
 
-    def __init__(self, location: str, config, stats: Stats, options=None):
+    def __init__(self, location: str, config: Any, stats: Stats,
+                 options: Optional[StoreOptions] = None) -> None:
         self.location = location
         self.config = config
         self.stats = stats
@@ -180,7 +189,7 @@ class BlobAdapter(abc.ABC):
         raise NotImplementedError
 
     @abc.abstractmethod
-    def list(self, prefix: str) -> list[ObjectMeta]:
+    def list(self, prefix: str) -> builtins.list[ObjectMeta]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -193,7 +202,7 @@ class BlobAdapter(abc.ABC):
         raise NotSupportedError("blocking notification is not available; waiters poll",
                                 backend=self.scheme, op="notify")
 
-    def wait(self, channel: str, timeout: float) -> list:
+    def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         """Take every message on ``channel`` (bytes, in the order left), blocking up to
         ``timeout`` s for the first; ``[]`` on timeout."""
         raise NotSupportedError("blocking notification is not available; waiters poll",

@@ -8,11 +8,12 @@ and NFSv4.1 (EFS); readers open one inode, so they never see a torn object.  Err
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
@@ -20,7 +21,10 @@ from cylon_store.errors import (AlreadyExistsError, ConfigError, InvalidKeyError
                                 PayloadTooLargeError, PermissionDeniedError, PreconditionError,
                                 StoreError, TransientError)
 
-from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
+from .base import BlobAdapter, BufferLike, Capabilities, ObjectMeta, PutMode, Stats
+
+if TYPE_CHECKING:
+    from cylon_store.config import StoreOptions
 
 #: Reserved top-level directory for in-flight temporary files (same filesystem as the data, so
 #: rename is atomic).  Keys may not start with it.
@@ -70,8 +74,9 @@ class FileAdapter(BlobAdapter):
     capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
                                 notification=False, streaming_put=True)
 
-    def __init__(self, location: str, config: FileConfig, stats, *, root: Optional[str] = None,
-                 backend: str = "file", options=None):
+    def __init__(self, location: str, config: FileConfig, stats: Stats, *,
+                 root: Optional[str] = None, backend: str = "file",
+                 options: Optional[StoreOptions] = None) -> None:
         super().__init__(location, config, stats, options)
         self.backend = backend
         if root is None:
@@ -103,7 +108,7 @@ class FileAdapter(BlobAdapter):
         return map_os_error(exc, op=op, key=key, backend=self.backend)
 
     # -- contract -----------------------------------------------------------------------
-    def put(self, key, chunks: Iterable, mode=PutMode.OVERWRITE) -> int:
+    def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:
         path = self._path(key)
         tmp = os.path.join(self.tmp, uuid.uuid4().hex)
         written = 0
@@ -163,7 +168,8 @@ class FileAdapter(BlobAdapter):
                 continue
         raise TransientError("parent directory kept disappearing", backend=self.backend, op="put", key=key)
 
-    def get(self, key, byte_range=None, if_version=None):
+    def get(self, key: str, byte_range: Optional[tuple[int, int]] = None,
+            if_version: Optional[str] = None) -> BufferLike:
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -192,7 +198,7 @@ class FileAdapter(BlobAdapter):
         except OSError as exc:
             raise self._err(exc, "get", key) from exc
 
-    def head(self, key) -> ObjectMeta:
+    def head(self, key: str) -> ObjectMeta:
         try:
             st = os.stat(self._path(key))
         except OSError as exc:
@@ -202,7 +208,7 @@ class FileAdapter(BlobAdapter):
         return ObjectMeta(key, st.st_size, _version(st))
 
     def delete_many(self, keys: Sequence[str]) -> None:
-        parents = set()
+        parents: set[str] = set()
         for key in keys:
             path = self._path(key)
             try:
@@ -221,7 +227,7 @@ class FileAdapter(BlobAdapter):
                     break
                 parent = os.path.dirname(parent)
 
-    def list(self, prefix: str) -> list[ObjectMeta]:
+    def list(self, prefix: str) -> builtins.list[ObjectMeta]:
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         # The prefix's complete segments name the directory to walk.  If no valid key can have
         # them ('', '.', '..', NUL, the temp area), nothing matches, and the walk must not

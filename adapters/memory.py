@@ -9,19 +9,23 @@ for ``memory://`` by itself.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
 from cylon_store.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
 
-from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
+from .base import BlobAdapter, BufferLike, Capabilities, ObjectMeta, PutMode, Stats
 from .file import FileAdapter, FileConfig
+
+if TYPE_CHECKING:
+    from cylon_store.config import StoreOptions
 
 #: Where ``shared=true`` stores live (tmpfs on Linux).
 SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -36,7 +40,7 @@ class MemoryConfig:
 class _State:
     """One named in-process store."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Condition()
         self.objects: dict[str, tuple[pa.Buffer, str]] = {}
         self.tokens: dict[str, list[bytes]] = {}
@@ -72,8 +76,8 @@ class MemoryAdapter(BlobAdapter):
     capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
                                 notification=True, atomic_counter=True, streaming_put=False)
 
-    def __init__(self, location: str, config: MemoryConfig, stats, *, name: Optional[str] = None,
-                 options=None):
+    def __init__(self, location: str, config: MemoryConfig, stats: Stats, *,
+                 name: Optional[str] = None, options: Optional[StoreOptions] = None) -> None:
         super().__init__(location, config, stats, options)
         self.name = name or memory_name(location)
         if not self.name:
@@ -88,15 +92,21 @@ class MemoryAdapter(BlobAdapter):
                                        root=shm_path(self.name), backend="memory")
             self.capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                              notification=False, streaming_put=True)
-            self._state = None
+            self._state: Optional[_State] = None
         else:
             self._state = _state(self.name)
+
+    def _local(self) -> _State:
+        """The in-process state (every caller has returned already if the store is shared)."""
+        st = self._state
+        assert st is not None, "a shared memory store keeps no in-process state"
+        return st
 
     def describe(self) -> str:
         return f"memory://{self.name}" + ("?shared=true" if self._shared else "")
 
     # -- contract -----------------------------------------------------------------------
-    def put(self, key, chunks, mode=PutMode.OVERWRITE) -> int:
+    def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:
         if self._shared:
             return self._shared.put(key, chunks, mode)
         # One copy into an immutable buffer: callers may reuse their chunks afterwards.
@@ -109,7 +119,7 @@ class MemoryAdapter(BlobAdapter):
             view[pos:pos + p.nbytes] = p
             pos += p.nbytes
         version = uuid.uuid4().hex
-        st = self._state
+        st = self._local()
         with st.lock:
             if mode is PutMode.CREATE and key in st.objects:
                 raise AlreadyExistsError("key already exists (create-if-absent)", backend="memory",
@@ -117,10 +127,11 @@ class MemoryAdapter(BlobAdapter):
             st.objects[key] = (buf, version)
         return total
 
-    def get(self, key, byte_range=None, if_version=None):
+    def get(self, key: str, byte_range: Optional[tuple[int, int]] = None,
+            if_version: Optional[str] = None) -> BufferLike:
         if self._shared:
             return self._shared.get(key, byte_range, if_version)
-        st = self._state
+        st = self._local()
         with st.lock:
             item = st.objects.get(key)
         if item is None:
@@ -136,11 +147,12 @@ class MemoryAdapter(BlobAdapter):
         start = min(start, end)
         return buf.slice(start, end - start)
 
-    def head(self, key) -> ObjectMeta:
+    def head(self, key: str) -> ObjectMeta:
         if self._shared:
             return self._shared.head(key)
-        with self._state.lock:
-            item = self._state.objects.get(key)
+        st = self._local()
+        with st.lock:
+            item = st.objects.get(key)
         if item is None:
             raise NotFoundError("no such key", backend="memory", op="head", key=key)
         return ObjectMeta(key, item[0].size, item[1])
@@ -148,30 +160,32 @@ class MemoryAdapter(BlobAdapter):
     def delete_many(self, keys: Sequence[str]) -> None:
         if self._shared:
             return self._shared.delete_many(keys)
-        with self._state.lock:
+        st = self._local()
+        with st.lock:
             for key in keys:
-                self._state.objects.pop(key, None)
+                st.objects.pop(key, None)
 
-    def list(self, prefix: str) -> list[ObjectMeta]:
+    def list(self, prefix: str) -> builtins.list[ObjectMeta]:
         if self._shared:
             return self._shared.list(prefix)
-        with self._state.lock:
-            items = [(k, v) for k, v in self._state.objects.items() if k.startswith(prefix)]
+        st = self._local()
+        with st.lock:
+            items = [(k, v) for k, v in st.objects.items() if k.startswith(prefix)]
         return [ObjectMeta(k, b.size, ver) for k, (b, ver) in items]
 
     # -- notification and counter -------------------------------------------------------
     def notify(self, channel: str, message: bytes = b"") -> None:
         if self._shared:
             return super().notify(channel, message)
-        st = self._state
+        st = self._local()
         with st.lock:
             st.tokens.setdefault(channel, []).append(bytes(message))
             st.lock.notify_all()
 
-    def wait(self, channel: str, timeout: float) -> list:
+    def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         if self._shared:
             return super().wait(channel, timeout)
-        st = self._state
+        st = self._local()
         with st.lock:
             if not st.tokens.get(channel):
                 st.lock.wait_for(lambda: bool(st.tokens.get(channel)), timeout=max(0.0, timeout))
@@ -180,7 +194,7 @@ class MemoryAdapter(BlobAdapter):
     def incr(self, key: str) -> int:
         if self._shared:
             return super().incr(key)
-        st = self._state
+        st = self._local()
         with st.lock:
             st.counters[key] = st.counters.get(key, 0) + 1
             return st.counters[key]
@@ -188,5 +202,6 @@ class MemoryAdapter(BlobAdapter):
     def delete_counter(self, key: str) -> None:
         if self._shared:
             return super().delete_counter(key)
-        with self._state.lock:
-            self._state.counters.pop(key, None)
+        st = self._local()
+        with st.lock:
+            st.counters.pop(key, None)

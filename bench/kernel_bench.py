@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -121,7 +121,7 @@ def sweep_groupby_rank(comm, rows: int, groups_list: list, repeat: int):
     for groups in groups_list:
         data = make_data("groupby", {"groupby_rows": rows, "groups": groups}, comm.rank,
                          comm.world_size)[0]
-        row = {"groups": groups}
+        row: dict[str | bool, Any] = {"groups": groups}
         for mode in (True, False, "auto"):
             K.groupby(comm, data.slice(0, 1000), "k", GROUP_AGGS, pre_aggregate=mode)
             times = []
@@ -195,7 +195,11 @@ def run_duckdb(op: str, data: tuple, repeat: int):
 
 def run_polars(op: str, data: tuple, repeat: int):
     import polars as pl
-    frames = [pl.from_arrow(t) for t in data]
+    frames = []
+    for t in data:
+        frame = pl.from_arrow(t)
+        assert isinstance(frame, pl.DataFrame)  # a Table converts to a DataFrame
+        frames.append(frame)
     if op == "join":
         fn = lambda: frames[0].join(frames[1], on="k", how="inner")  # noqa: E731
     elif op == "groupby":

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    started = []
+    started: list[LocalMoto | LocalRedis] = []
     lines = [f"# Lambda benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})", ""]
     try:

@@ -140,7 +140,7 @@ def client_rank(comm, url: str, mib: int, repeat: int):
         "facade get": lambda: store.get(key),
         "raw GET": lambda: r.get(raw_key),
     }
-    spans = {op: [] for op in ops}
+    spans: dict[str, list[tuple[float, float]]] = {op: [] for op in ops}
     for _ in range(repeat):
         for op, fn in ops.items():
             comm.barrier()

@@ -112,7 +112,7 @@ def rank_mpi(comm, total_bytes: int, iters: int) -> dict:
 
     a2av = cs.connect("mpi://", job=f"{comm.job}-a2av", exchange_method="alltoallv",
                       timeout=comm.timeout)
-    out = {}
+    out: dict[str, list[float]] = {}
 
     def ours(c):
         def run():

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Union
 
 import msgpack
 import pyarrow as pa
 import xxhash
 
 from .errors import ConfigError, IntegrityError
+
+if TYPE_CHECKING:
+    from .adapters.base import BufferLike
 
 MAGIC = b"CYLSTOR1"
 _TAIL = struct.Struct("<QQ8s")
@@ -194,7 +197,7 @@ def encode(data, *, compression: Optional[str] = None, segment_size: int = 8 << 
         stats.update(rows=rows, batches=batches, bytes=ipc_len + len(footer) + TAIL_SIZE)
 
 
-def parse_tail(tail: bytes, total_size: int, where: Callable[[], dict]) -> int:
+def parse_tail(tail: Union[bytes, bytearray, memoryview], total_size: int, where: Callable[[], dict]) -> int:
     """Return the footer length from the last ``TAIL_SIZE`` bytes; check the magic."""
     if total_size < TAIL_SIZE or len(tail) < TAIL_SIZE:
         raise IntegrityError(f"object of {total_size} bytes is too short to be a cylon-store object",
@@ -259,7 +262,7 @@ class SegmentReader:
     """A read-only file object over verified segments, for ``pa.ipc.open_stream``: memory stays
     bounded by one segment plus the batch being decoded."""
 
-    def __init__(self, footer: Footer, read_range: Callable[[int, int], object],
+    def __init__(self, footer: Footer, read_range: Callable[[int, int], BufferLike],
                  where: Callable[[], dict]):
         self.footer = footer
         self._read_range = read_range

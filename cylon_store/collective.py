@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import io
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,7 @@ def normalize_parts(parts: Sequence, world_size: int, rank: int) -> tuple[Option
         raise ConfigError(f"exchange on rank {rank}: got {len(parts)} parts for a world of "
                           f"{world_size} ranks (parts[d] goes to rank d)")
     schema = None
-    out = []
+    out: list[Optional[pa.Table]] = []
     for d, p in enumerate(parts):
         if p is None:
             out.append(None)
@@ -141,7 +141,11 @@ class Communicator(abc.ABC):
     rank: int
     world_size: int
     job: str
-    scheme: str
+    if TYPE_CHECKING:
+        # A class attribute in most communicators, a read-only property in the store's.
+        @property
+        def scheme(self) -> str:
+            raise NotImplementedError
     #: The first failure of a collective on this rank (it sticks), and whether close() ran.
     _failed: Optional[BaseException] = None
     _closed: bool = False
@@ -304,7 +308,7 @@ _ENV_RANKS = (
 )
 
 
-def ranks_from_env(env=None) -> tuple[Optional[int], Optional[int]]:
+def ranks_from_env(env: Optional[Mapping[str, str]] = None) -> tuple[Optional[int], Optional[int]]:
     env = os.environ if env is None else env
     for rvar, svar in _ENV_RANKS:
         if rvar in env and svar in env:
@@ -312,7 +316,8 @@ def ranks_from_env(env=None) -> tuple[Optional[int], Optional[int]]:
     return None, None
 
 
-def resolve_world(rank, world_size, timeout, *, what: str,
+def resolve_world(rank: Optional[int], world_size: Optional[int], timeout: Optional[float], *,
+                  what: str,
                   max_world: Optional[int] = None) -> tuple[Optional[int], int]:
     """Check ``timeout``; take rank and world size from the arguments, else the environment
     (rank only when the world sizes agree); check both.  Rank may stay None (a claim decides)."""
@@ -332,4 +337,4 @@ def resolve_world(rank, world_size, timeout, *, what: str,
         raise ConfigError(f"world_size must be {bound}, got {world_size!r}")
     if rank is not None and (not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size):
         raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}")
-    return rank, int(world_size)
+    return (None if rank is None else int(rank)), int(world_size)

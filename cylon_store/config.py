@@ -92,9 +92,10 @@ def _coerce(name: str, value, annotation):
     return value
 
 
-def _fields(cls) -> dict[str, dataclasses.Field]:
+def _fields(cls) -> dict[str, tuple[dataclasses.Field, typing.Any]]:
+    """Public fields of an options dataclass with their resolved annotations."""
     hints = typing.get_type_hints(cls)
-    out = {}
+    out: dict[str, tuple[dataclasses.Field, typing.Any]] = {}
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
             continue

@@ -54,7 +54,7 @@ def combined_header(sizes: list[int]) -> bytes:
     """[magic][u64 n][n x (u64 offset, u64 length)][u64 xxh3 of what precedes]."""
     n = len(sizes)
     offset = combined_header_size(n)
-    flat = []
+    flat: list[int] = []
     for size in sizes:
         flat += (offset, size)
         offset += size

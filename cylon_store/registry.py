@@ -106,7 +106,7 @@ def option_classes_of_other_schemes(scheme: str) -> list[type]:
         if other == scheme:
             continue
         try:
-            out.append(adapter_class(other).Config)
+            out.append(getattr(adapter_class(other), "Config"))
         except Exception:  # missing extra: its options cannot be set anyway
             continue
     return out

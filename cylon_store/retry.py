@@ -26,8 +26,10 @@ def call(fn: Callable[[], T], *, idempotent: bool, attempts: int, base: float, c
         return fn()
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
-        if on_retry is not None:
-            on_retry(state.outcome.exception())
+        # Only called after a failed attempt, so the outcome holds an exception.
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if on_retry is not None and exc is not None:
+            on_retry(exc)
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),

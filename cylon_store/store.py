@@ -8,6 +8,7 @@ worker process or a Lambda.
 
 from __future__ import annotations
 
+import builtins
 import threading
 import uuid
 from typing import Iterable, Optional, Union
@@ -252,7 +253,7 @@ class Store:
         """Keys starting with ``prefix`` (a plain string prefix), sorted."""
         return [m.key for m in self.list_meta(prefix)]
 
-    def list_meta(self, prefix: str = "") -> list[ObjectMeta]:
+    def list_meta(self, prefix: str = "") -> builtins.list[ObjectMeta]:
         if not isinstance(prefix, str):
             raise ConfigError(f"prefix must be a str, not {type(prefix).__name__}")
         if not _could_start_a_key(prefix):
@@ -281,6 +282,7 @@ class Store:
         buf = self._retrying(lambda: self.adapter.get(key, byte_range=byte_range if native else None),
                              idempotent=True)
         if not native:
+            assert byte_range is not None  # native is True when there is no range
             start, end = byte_range
             whole = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
             end = min(end, whole.size)
@@ -299,7 +301,7 @@ class Store:
         self.adapter.notify(channel, bytes(message))
         self._stats.count("notify")
 
-    def wait(self, channel: str, timeout: float) -> list:
+    def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         """Take every message on ``channel``, blocking up to ``timeout`` s for the first; ``[]``
         on timeout. Not retried: the messages taken by a failed attempt may be gone."""
         validate_key(channel, backend=self.scheme, op="wait")

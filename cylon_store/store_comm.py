@@ -112,7 +112,7 @@ class StoreCommunicator(Communicator):
         out: dict[int, Any] = {}
         if not pending:
             return out
-        prefixes = tuple(prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)])
+        look_in = tuple(prefixes or [K.inbox_prefix(self.job, self.token, seq, dst)])
         deadline = time.monotonic() + self.timeout
         delays = poll_delays(first=self.poll_first, cap=self.poll_cap)
         read_keys = []
@@ -123,10 +123,10 @@ class StoreCommunicator(Communicator):
         while pending:
             present = {}
             if must_list:
-                candidates = [k for prefix in prefixes for k in self.store.list(prefix)]
+                candidates = [k for prefix in look_in for k in self.store.list(prefix)]
                 listed_at, must_list = time.monotonic(), not self._notify
             else:
-                candidates = [k for k in self._mailbox if k.startswith(prefixes)]
+                candidates = [k for k in self._mailbox if k.startswith(look_in)]
             for key in candidates:
                 try:
                     mk = K.parse_msg_key(key)
@@ -161,7 +161,7 @@ class StoreCommunicator(Communicator):
                     f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
             if self._notify:
-                got = self.store.wait(self._inbox, min(remaining, 0.25))
+                got: object = self.store.wait(self._inbox, min(remaining, 0.25))
                 if isinstance(got, list):
                     self._mailbox.update(m.decode() for m in got if m)
                 else:   # an adapter whose wait only wakes us up

@@ -159,11 +159,12 @@ def preflight(comm, op: str, inputs: Sequence[tuple[str, Any]], args: Any = None
             raise error
         if error is not None:
             raise KernelError(f"{op}: {type(error).__name__}: {error}") from error
-        if any(t is None for t in tables):
+        ready = [t for t in tables if t is not None]
+        if len(ready) < len(tables):
             missing = [inputs[i][0] for i, t in enumerate(tables) if t is None]
             raise KernelError(f"{op}: no rank passed a table for {missing}")
-        return Preflight([t.schema for t in tables], [[t.num_rows] for t in tables],
-                         [[t.nbytes] for t in tables], [payload], tables, local)
+        return Preflight([t.schema for t in ready], [[t.num_rows] for t in ready],
+                         [[t.nbytes] for t in ready], [payload], ready, local)
 
     row = {
         "args": pa.array([fingerprint], pa.string()),

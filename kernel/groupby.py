@@ -185,6 +185,10 @@ def _aggregate(table: pa.Table, by, specs, use_threads: bool) -> pa.Table:
 class _Plan:
     """Partial and final aggregation specs for a request (identical on every rank)."""
 
+    #: pyarrow's own aggregation spec [(out name, target, function, options)] (from ``_trial``;
+    #: set by ``groupby`` after construction).
+    spec: list[tuple[Any, ...]]
+
     def __init__(self, schema: pa.Schema, by: list[str], norm, out_schema: pa.Schema,
                  empty_result: pa.Table):
         self.user_by = by
@@ -255,6 +259,7 @@ class _Plan:
             if o is not None and not isinstance(o, pc.ScalarAggregateOptions):
                 raise UnsupportedAggregationError(f"groupby: mean takes ScalarAggregateOptions, "
                                                   f"got {type(o).__name__}")
+            assert c is not None  # only count_all has no column
             src = self._as_float(c, t) if pa.types.is_floating(t) else c
             a.skip = _skip_nulls(o)
             a.min_count = _min_count(o, 1)
@@ -272,6 +277,7 @@ class _Plan:
             a.ddof = int(_fields(o).get("ddof", 0)) if o is not None else 0
             a.skip = _skip_nulls(o)
             a.min_count = _min_count(o, 0)
+            assert c is not None  # only count_all has no column
             src = self._as_float(c, t)
             a.partials["valid"] = self._partial(c, "count", pc.CountOptions("only_valid"))
             a.partials["mean"] = self._partial(src, "mean")
@@ -314,7 +320,7 @@ class _Plan:
 
     def final(self, partials: pa.Table) -> pa.Table:
         """Combine the partial states of the groups this rank owns."""
-        specs = []
+        specs: list[tuple[Any, ...]] = []
         combine = {"count_all": "sum", "count": "sum", "sum": "sum", "min": "min", "max": "max",
                    "first": "first", "last": "last", "any": "any", "all": "all"}
         for name, target, func, opts in self.partial_specs:

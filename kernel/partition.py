@@ -227,6 +227,7 @@ def _hash_chunk(arr: pa.Array) -> np.ndarray:
             t = arr.type
         bufs = arr.buffers()
         odt = np.int64 if (pa.types.is_large_string(t) or pa.types.is_large_binary(t)) else np.int32
+        offsets: np.ndarray
         if bufs[1] is None or n == 0:
             offsets = np.zeros(n + 1, dtype=np.int64)
         else:
@@ -279,6 +280,7 @@ def hash_columns(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
             h *= C3
             h += hc
         _fmix(h, tmp)
+    assert h is not None  # columns is not empty
     return h
 
 

@@ -8,6 +8,8 @@ exchange; a row is kept by how many sides it was seen on.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pyarrow as pa
 
@@ -29,7 +31,8 @@ def _check_groupable(schema: pa.Schema, cols, op: str) -> None:
         raise KeyTypeError(f"{op}: these columns cannot be compared for equality: {exc}") from exc
 
 
-def _first_rows(table: pa.Table, cols, keep: str = "first", extra=()) -> np.ndarray:
+def _first_rows(table: pa.Table, cols: Sequence[str], keep: str = "first",
+                extra: Sequence[tuple[str, pa.ChunkedArray]] = ()) -> pa.Table:
     """Row numbers of the first (or last) row of each distinct value of ``cols``, ascending,
     with any ``extra`` aggregations' columns alongside."""
     n = table.num_rows

@@ -141,8 +141,11 @@ def sort(comm, table, by, *, null_placement: str = "at_end",
     splitters = _splitters(pf, keys, P)
     n = t.num_rows
     fast = _numeric_key(kt, keys)
-    if fast is not None:
-        order, bounds = _range_bounds_numeric(fast, splitters, keys, me, n)
+    # The splitters come from every rank's samples: they may hold a NaN this rank does not (a
+    # NaN "at_start" has no numeric key), and then the general path orders them.
+    s_vals = _numeric_key(_splitter_key(splitters), keys) if fast is not None else None
+    if fast is not None and s_vals is not None:
+        order, bounds = _range_bounds_numeric(fast, s_vals, splitters, keys, me, n)
     else:
         order, bounds = _range_bounds(kt, splitters, keys, me, n)
     # The table moves in sorted order, so every part is a sorted run.
@@ -191,13 +194,21 @@ def _numeric_key(kt: pa.Table, keys) -> Optional[np.ndarray]:
     return None
 
 
-def _range_bounds_numeric(v: np.ndarray, splitters: pa.Table, keys, me: int, n: int):
+def _splitter_key(splitters: pa.Table) -> pa.Table:
+    """The splitters' key column, nulls filled (``_range_bounds_numeric`` places those apart)."""
+    skey = splitters.column(0)
+    return pa.table({"k0": skey.fill_null(0) if skey.null_count else skey})
+
+
+def _range_bounds_numeric(v: np.ndarray, s_vals: np.ndarray, splitters: pa.Table,
+                          keys: list[tuple[str, str, str]], me: int,
+                          n: int) -> tuple[np.ndarray, np.ndarray]:
     """Fast path of ``_range_bounds``: one stable numpy sort and a binary search per splitter,
-    with the same (key, rank, row) order."""
+    with the same (key, rank, row) order.  ``v`` and ``s_vals`` are the numeric keys of this
+    rank's rows and of the splitters (``_numeric_key``)."""
     order = argsort_stable(v)
     skey = splitters.column(0)
     s_null = skey.is_null().to_numpy(zero_copy_only=False)
-    s_vals = _numeric_key(pa.table({"k0": skey.fill_null(0) if skey.null_count else skey}), keys)
     s_rank = splitters.column(_RANK).to_numpy()
     s_row = splitters.column(_ROW).to_numpy()
     bounds = np.empty(len(s_rank), dtype=np.int64)

@@ -95,3 +95,21 @@ def test_errors_are_value_errors_and_say_what(store_url):
     out = run_ranks(lambda c: K.groupby(c, pa.table({"k": np.arange(3)}), "k", [("k", "sum")]),
                     1, store_url)
     assert out[0].column_names == ["k", "k_sum"]
+
+
+def _rank_sort_nan_splitters(comm):
+    from cylon_store import kernel as K
+    if comm.rank == 0:
+        t = pa.table({"x": pa.array([float("nan")] * 1000, pa.float64())})
+    else:
+        t = pa.table({"x": pa.array([float(i) for i in range(10)], pa.float64())})
+    return K.sort(comm, t, by=[("x", "ascending")], null_placement="at_start")
+
+
+def test_sort_with_nan_splitters_on_a_rank_without_nan():
+    """A NaN splitter chosen from another rank's samples (null_placement='at_start') used to
+    crash the numeric fast path on a rank that holds no NaN; every row arrives, in order."""
+    out = run_ranks(_rank_sort_nan_splitters, 2, "memory://")
+    assert sum(t.num_rows for t in out) == 1010
+    values = pa.concat_tables(out)["x"].to_numpy(zero_copy_only=False)
+    assert np.isnan(values[:1000]).all() and (np.diff(values[1000:]) >= 0).all()

@@ -362,8 +362,8 @@ def build(out_dir: os.PathLike | str = DEFAULT_OUT, *, arch: str = DEFAULT_ARCH,
     native, why_not = _native(arch, python)
     if run_verify and not native:
         raise BuildError(f"cannot verify here: {why_not}")
-    with tempfile.TemporaryDirectory(prefix="cylon-store-lambda-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="cylon-store-lambda-") as tmp_dir:
+        tmp = Path(tmp_dir)
         wheel = _project_wheel(source, tmp / "wheel", out_dir, say)
         site = tmp / "site"
         spec = f"{wheel}[{','.join(extras)}]" if extras else str(wheel)
@@ -400,11 +400,13 @@ def build(out_dir: os.PathLike | str = DEFAULT_OUT, *, arch: str = DEFAULT_ARCH,
         targets = {out_dir / f"{name}.zip": ""}
         if layer:
             targets[out_dir / f"cylon-store-lambda-layer-py{python.replace('.', '')}-{arch}.zip"] = "python/"
-        dockerfile = wheel_out = None
+        dockerfile: Optional[Path] = None
+        wheel_out: Optional[Path] = None
+        finals = list(targets)
         if docker:
             wheel_out = out_dir / wheel.name
             dockerfile = out_dir / f"cylon-store-lambda-py{python.replace('.', '')}.Dockerfile"
-        finals = list(targets) + ([wheel_out, dockerfile] if docker else [])
+            finals += [wheel_out, dockerfile]
         staged = [(_temp_name(final), final) for final in finals]
         say(f"writing {', '.join(p.name for p in finals)} to {out_dir}")
         created = not out_dir.exists()
@@ -417,7 +419,7 @@ def build(out_dir: os.PathLike | str = DEFAULT_OUT, *, arch: str = DEFAULT_ARCH,
                            for path, prefix in targets.items()]
                 for future in futures:
                     future.result()
-            if docker:
+            if wheel_out is not None and dockerfile is not None:  # docker
                 shutil.copyfile(wheel, _temp_name(wheel_out))
                 _temp_name(dockerfile).write_text(render_dockerfile(
                     python=python, extras=extras, wheel=wheel.name, dockerfile=dockerfile))
@@ -808,13 +810,13 @@ def package_sizes(site: os.PathLike | str) -> list[tuple[str, int]]:
     sizes: dict[str, int] = {}
     for path in _files(site):
         size = path.stat().st_size
-        label = owner.get(path.resolve())
-        if label is None:
+        found = owner.get(path.resolve())
+        if found is None:
             parent = path.parent.resolve()
-            label = owner.get(parent) if parent != site.resolve() and parent in owner else None
-        if label is None:
-            label = path.relative_to(site).parts[0]
-        sizes[label] = sizes.get(label, 0) + size
+            found = owner.get(parent) if parent != site.resolve() and parent in owner else None
+        if found is None:
+            found = path.relative_to(site).parts[0]
+        sizes[found] = sizes.get(found, 0) + size
     return sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -1214,6 +1216,7 @@ def deploy(function: str, *, role: str, zip_path: os.PathLike | str | None = Non
             raise DeployError(f"waiting for Lambda function {function!r} ({where}): {_aws_text(exc)}") from None
 
     if package_type == "Zip" and code_bucket:
+        assert zip_path is not None  # a zip package
         code = _upload(s3_client, code_bucket, zip_path, function, say, where)
 
     existing = None
@@ -1476,7 +1479,7 @@ def format_summary(r: BuildResult) -> str:
     if r.layer_path:
         lines.append(f"  layer zip     {_shell_path(r.layer_path)}: {_mb(r.layer_zipped_bytes)} zipped "
                      f"(the same files under python/; use it instead of, not with, the function zip's content)")
-    if r.dockerfile_path:
+    if r.dockerfile_path and r.wheel_path:  # written together
         lines.append(f"  Dockerfile    {_shell_path(r.dockerfile_path)} (installs {r.wheel_path.name}; "
                      f"docker build --platform {_DOCKER_PLATFORM[r.arch]} -f {_shell_path(r.dockerfile_path)} "
                      f"{_shell_path(r.dockerfile_path.parent)})")

@@ -83,7 +83,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import IO, Any, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..argtypes import int_range, seconds
@@ -469,7 +469,7 @@ class _Environment:
         self.server = _Server(("127.0.0.1", 0), _RuntimeHandler, self)
         self.port = self.server.server_address[1]
         self.tmpdir = tempfile.mkdtemp(prefix=f"cylon-lambda-{env_id}-")
-        self.popen: Optional[subprocess.Popen] = None
+        self.popen: Optional[subprocess.Popen[bytes]] = None
         self.pid = -1
         self.created = 0.0
         self.first_next: Optional[float] = None
@@ -479,9 +479,10 @@ class _Environment:
         self.deadline: Optional[float] = None
         self.init_deadline = 0.0              # until the runtime takes the event (cold: init)
         self.init_limit_s = 0.0
-        self.outcome = None                   # (kind, body, content_type, monotonic)
+        #: (kind, body, content_type, monotonic)
+        self.outcome: Optional[tuple[str, bytes, str, float]] = None
         self.init_error: Optional[bytes] = None
-        self.fate = None                      # ("timeout"|"oom"|"exit", detail)
+        self.fate: Optional[tuple[str, Any]] = None  # ("timeout"|"oom"|"exit", detail)
         self.peak = 0
         self.monitoring = False
         self.closed = False
@@ -510,13 +511,18 @@ class _Environment:
         threading.Thread(target=self._read_output, name=f"lambda-local-{self.id}-log",
                          daemon=True).start()
 
+    def _stdout(self) -> IO[bytes]:
+        """The process's merged stdout and stderr pipe (opened by ``start``)."""
+        assert self.popen is not None and self.popen.stdout is not None
+        return self.popen.stdout
+
     def _read_output(self) -> None:
         """The environment's stdout and stderr (merged, as in CloudWatch) into the service log,
         each line prefixed with the environment and the request it ran for. The pipe is read
         under ``read_lock`` by this thread and by ``drain_output``, so that an invocation's
         output is all in before its end is reported (the runtime writes it before it posts the
         response)."""
-        fd = self.popen.stdout.fileno()
+        fd = self._stdout().fileno()
         os.set_blocking(fd, False)
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP)
@@ -534,7 +540,7 @@ class _Environment:
         """Read what the pipe holds now and log its complete lines; False at end of file."""
         if self.output_closed:
             return False
-        fd = self.popen.stdout.fileno()
+        fd = self._stdout().fileno()
         data, eof = [], False
         while True:
             try:
@@ -568,12 +574,12 @@ class _Environment:
         if eof:
             self.output_closed = True
             try:
-                self.popen.stdout.close()
+                self._stdout().close()
             except OSError:
                 pass
         return not eof
 
-    def exit_info(self):
+    def exit_info(self) -> Optional[os.waitid_result]:
         """How the process ended (without reaping it: its pid stays ours to signal), or None."""
         try:
             info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -605,7 +611,9 @@ class _Environment:
                 self.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        self.service._acceptor.remove(self.server)
+        acceptor = self.service._acceptor
+        assert acceptor is not None  # environments exist only in a started service
+        acceptor.remove(self.server)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     # Runtime API side ------------------------------------------------------------------------
@@ -653,7 +661,7 @@ class _Environment:
                 self.fate = ("exit", info)
             elif rss > self.service.memory_mb * 1024 * 1024:
                 self.fate = ("oom", None)
-            elif self.handed is not None and now > self.deadline:
+            elif self.handed is not None and self.deadline is not None and now > self.deadline:
                 self.fate = ("timeout", self.service.timeout_s)
             elif self.handed is None and now > self.init_deadline:
                 self.fate = ("timeout", self.init_limit_s)
@@ -684,7 +692,9 @@ class _Environment:
             self.init_deadline = start + self.init_limit_s
             self.monitoring = True
             self.cond.notify_all()
-        svc._sampler.watch(self)
+        sampler = svc._sampler
+        assert sampler is not None  # environments exist only in a started service
+        sampler.watch(self)
         try:
             with self.cond:
                 while True:
@@ -703,7 +713,7 @@ class _Environment:
                 handed = self.handed
                 end = outcome[3] if outcome else time.monotonic()
         finally:
-            svc._sampler.unwatch(self)
+            sampler.unwatch(self)
         if fate is not None and fate[0] == "timeout":
             self.kill()
         self.drain_output()
@@ -740,6 +750,7 @@ class _Environment:
                     "Runtime.ExitError", msg, duration, False)
         if fate is not None and fate[0] == "exit":
             info = fate[1]
+            assert isinstance(info, os.waitid_result)  # from exit_info
             if info.si_code == os.CLD_EXITED and info.si_status == 0:
                 msg = f"RequestId: {rid} Error: Runtime exited without providing a reason"
             else:
@@ -955,6 +966,7 @@ class LocalLambda:
             from ..errors import ConfigError
             raise ConfigError("the local Lambda service runs every invocation in awslambdaric, "
                               "which is not installed: pip install 'cylon-store[lambda]'")
+        assert spec.origin is not None  # a regular package has a file
         self._runtime_dir = os.path.dirname(os.path.dirname(spec.origin))
         self._base_env = self._environment()
         self._server = _Server((self.host, self.port), _InvokeHandler, self)  # may not bind
@@ -991,9 +1003,11 @@ class LocalLambda:
             env.kill()
         for env in envs:
             env.destroy()
-        self._acceptor.stop()
-        self._sampler.wake.set()
-        for t in (self._dispatcher, self._sampler):
+        acceptor, sampler, dispatcher = self._acceptor, self._sampler, self._dispatcher
+        assert acceptor is not None and sampler is not None and dispatcher is not None  # started
+        acceptor.stop()
+        sampler.wake.set()
+        for t in (dispatcher, sampler):
             t.join(5.0)
 
     def __enter__(self) -> "LocalLambda":
@@ -1282,7 +1296,7 @@ class LocalLambda:
                         self._envs.pop(env.id, None)
                         destroy = True
                 self._lock.notify_all()
-            if destroy:
+            if destroy and env is not None:  # (destroy is only set with an environment)
                 env.destroy()
 
     def _record(self, d, status, etype, emsg, env, cold, init_ms, duration, peak_mb,

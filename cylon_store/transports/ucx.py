@@ -27,7 +27,7 @@ import os
 import select
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -82,12 +82,12 @@ class UcxOptions:
     #: Largest piece sent as one UCX message.
     max_message: Size = Size(MAX_MESSAGE)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_message < 64:
             raise ConfigError(f"option 'max_message' must be >= 64 bytes, got {self.max_message}")
 
-    def ucx_settings(self) -> dict:
-        out = {}
+    def ucx_settings(self) -> dict[str, str]:
+        out: dict[str, str] = {}
         if self.ucx_config:
             for item in self.ucx_config.split(";"):
                 if not item.strip():
@@ -97,10 +97,10 @@ class UcxOptions:
                     raise ConfigError(f"option 'ucx_config': expected KEY=VALUE, got {item!r}")
                 key = key.strip()
                 out[key[4:] if key.upper().startswith("UCX_") else key] = value.strip()
-        for key, value in (("TLS", self.tls), ("NET_DEVICES", self.net_devices),
-                           ("TCP_PORT_RANGE", self.port_range)):
-            if value is not None:
-                out[key] = value
+        for name, setting in (("TLS", self.tls), ("NET_DEVICES", self.net_devices),
+                              ("TCP_PORT_RANGE", self.port_range)):
+            if setting is not None:
+                out[name] = setting
         return out
 
 
@@ -156,16 +156,20 @@ class _Stream:
 
     __slots__ = ("src", "seq", "state", "req", "hdr", "buf", "nbytes", "reqs")
 
-    def __init__(self, src: int, seq: int):
+    def __init__(self, src: int, seq: int) -> None:
         self.src, self.seq = src, seq
         self.state = "probe"
-        self.req = self.hdr = self.buf = None
+        self.req: Any = None                   # a ucxx request
+        self.hdr: Optional[np.ndarray] = None  # piece count, then piece lengths
+        self.buf: Optional[pa.Buffer] = None
         self.nbytes = 0
-        self.reqs: list = []
+        self.reqs: list[Any] = []
 
 
 class UcxCommunicator(DirectCommunicator):
     scheme = "ucx"
+    #: The hello records of every rank (set by ``connect`` for a world of more than one).
+    members: list[dict[str, Any]]
 
     def __init__(self, *, ctx, worker, endpoints: dict, job: str, rank: int, world_size: int,
                  timeout: float, options: UcxOptions, token: str):
@@ -207,7 +211,9 @@ class UcxCommunicator(DirectCommunicator):
             if not st.req.completed:
                 return True
             self._check(st.req, st.src, st.seq)
-            lens = st.hdr[1:1 + int(st.hdr[0])].tolist()
+            hdr = st.hdr
+            assert hdr is not None  # received in state "probe"
+            lens = hdr[1:1 + int(hdr[0])].tolist()
             st.nbytes = int(sum(lens))
             st.buf, view = new_region(st.nbytes)
             off = 0
@@ -269,7 +275,8 @@ class UcxCommunicator(DirectCommunicator):
             if self._cancelled():
                 raise ExchangeError(f"{what} {seq}: cancelled on rank {self.rank} because another "
                                     f"rank failed", seq=seq, backend="ucx")
-            if self._blocking and not moved and worker.arm():
+            if (self._blocking and self._epoll_fd is not None and not moved
+                    and worker.arm()):
                 # Armed with nothing pending: sleep until the worker has an event.  (Events that
                 # came after the progress() above make arm() fail, and we go round at once.)
                 select.select([self._epoll_fd], [], [], 0.05)
@@ -393,6 +400,7 @@ def connect(url: str, *, job: str, rank: Optional[int] = None, world_size: Optio
         return UcxCommunicator(ctx=ctx, worker=worker, endpoints={}, job=job, rank=0,
                                world_size=1, timeout=timeout, options=opts, token="0" * 16)
 
+    assert store_ref is not None  # checked above for a world of more than one
     own_store = not isinstance(store_ref, Store)
     store = open_store(store_ref)
     comm = None
@@ -426,7 +434,7 @@ def connect(url: str, *, job: str, rank: Optional[int] = None, world_size: Optio
         if comm is not None:
             comm._closed = True
             comm._shutdown(healthy=False)
-        if joined:  # (a failed handshake removes its own record)
+        if joined and rank is not None:  # (a failed handshake removes its own record)
             try:
                 store.delete_many([K.hello_key(job, rank)])
             except StoreError:
