@@ -533,13 +533,14 @@ def _is_project_root(root: Path) -> bool:
     if not pyproject.is_file():
         return False
     text = pyproject.read_text(encoding="utf-8", errors="replace")
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-        return tomllib.loads(text).get("project", {}).get("name", "").lower() == "cylon-store"
-    except ImportError:  # Python 3.10
+        try:
+            return tomllib.loads(text).get("project", {}).get("name", "").lower() == "cylon-store"
+        except ValueError:
+            return False
+    else:  # Python 3.10 has no tomllib
         return re.search(r'(?m)^name\s*=\s*["\']cylon-store["\']', text) is not None
-    except ValueError:
-        return False
 
 
 def _project_wheel(source, wheel_dir: Path, out_dir: Path, say) -> Path:
