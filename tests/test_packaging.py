@@ -91,7 +91,8 @@ def test_source_tree_is_the_installed_package():
     in, so ``import cylon_store.kernel`` works from the clone's root as from site-packages."""
     tool = PYPROJECT["tool"]["setuptools"]
     assert tool["package-dir"] == PACKAGE_DIRS
-    assert set(tool["packages"]) == set(PACKAGE_DIRS) | {"cylon_store.transports", "cylon_store.serverless"}
+    assert set(tool["packages"]) == set(PACKAGE_DIRS) | {"cylon_store.transports", "cylon_store.serverless",
+                                                    "cylon_store.testing"}
     for package, folder in PACKAGE_DIRS.items():
         if package == "cylon_store":
             continue
