@@ -15,6 +15,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
     $SUDO apt-get update -q && $SUDO apt-get install -y -q redis-server
 fi
 
+# The package type-checks (configuration in pyproject.toml; py.typed ships).
+python -m mypy
+
 # Two pytest-xdist workers: much of the suite waits on servers, rank processes and timeouts,
 # so two workers use a 2-core machine better than one (each starts its own servers).
 exec python -m pytest -q -n "${CYLON_STORE_TEST_WORKERS:-2}" "$@"
