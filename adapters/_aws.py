@@ -1,7 +1,18 @@
-"""What the S3 and DynamoDB adapters share: client options, lazily built boto3 clients with the
-SDK's own retries turned off (the adapters and the facade retry through ``cylon_store.retry``),
-request counting at the HTTP layer, and the translation of AWS errors into the project's
-hierarchy by error *code* (never message text), keeping the cause.
+"""What the S3 and DynamoDB adapters share, so that each keeps only what is specific to its
+service:
+
+- ``AwsOptions``: the client options both take;
+- ``make_client``: lazily built boto3 clients with the SDK's own retries turned off (the adapters
+  and the facade retry through ``cylon_store.retry``) and every HTTP attempt counted;
+- the translation of AWS errors into the project's hierarchy by error *code* (never message
+  text), keeping the cause (``map_error_code``, ``map_botocore_error``);
+- ``AwsAdapter``: the base class of both adapters — the URL's resource/path split, the client
+  and thread-pool properties, ``close``, the mapping of one call's errors with the adapter's own
+  overrides (by code), and ``_call`` with its three retry modes ("none", "all", "safe") on the
+  store's retry options (``_retry.RetryPolicy``);
+- ``Gate``: the semaphore-gated upload to the pool (bounded memory; the first error stops the
+  rest, cancels what has not started and runs the adapter's cleanup), and ``cancel_all``;
+- payload helpers (``iter_views``, ``cut``) and ``Uncertain``.
 
 boto3 is imported only when a client is first built, never when ``cylon_store`` is imported.
 """
@@ -10,14 +21,17 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optional
 
-from cylon_store import retry
 from cylon_store.config import StoreOptions
 from cylon_store.errors import (ConfigError, NotFoundError, PayloadTooLargeError,
                                 PermissionDeniedError, PreconditionError, StoreError,
                                 ThrottledError, TransientError)
+
+from ._retry import counting_retries
+from .base import BlobAdapter
 
 #: The backend asked us to slow down; the request was not applied.
 THROTTLE_CODES = frozenset({
@@ -174,7 +188,7 @@ def map_botocore_error(exc, *, backend: str, op: str, key: Optional[str]) -> Sto
     """Translate any exception raised by a boto3 call."""
     from botocore import exceptions as bex
 
-    kw = {"backend": backend, "op": op, "key": key}
+    kw: dict[str, Any] = {"backend": backend, "op": op, "key": key}
     if isinstance(exc, bex.ClientError):
         return map_client_error(exc, **kw)
     if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError,
@@ -205,20 +219,6 @@ def is_sdk_error(exc: BaseException) -> bool:
     """True for errors raised by botocore (which ``map_botocore_error`` translates)."""
     from botocore import exceptions as bex
     return isinstance(exc, (bex.ClientError, bex.BotoCoreError))
-
-
-class RetryPolicy:
-    """The retry parameters of ``StoreOptions``, for retries the adapter runs itself (multipart
-    parts, BatchWriteItem's UnprocessedItems): the same module and backoff as the facade's."""
-
-    def __init__(self, options: Optional[StoreOptions], on_retry: Callable[[BaseException], None]):
-        o = options or StoreOptions()
-        self.attempts, self.base, self.cap = o.retries, o.retry_base, o.retry_cap
-        self.on_retry = on_retry
-
-    def call(self, fn, *, idempotent: bool = True):
-        return retry.call(fn, idempotent=idempotent, attempts=self.attempts, base=self.base,
-                          cap=self.cap, on_retry=self.on_retry)
 
 
 def iter_views(chunks: Iterable) -> Iterator:
@@ -268,3 +268,195 @@ class Uncertain(StoreError):
     def __init__(self, inner: StoreError):
         self.inner = inner
         super().__init__(str(inner))
+
+
+class Gate:
+    """The semaphore-gated upload both adapters run: tasks in a thread pool with at most
+    ``limit`` in flight.  ``submit`` blocks while ``limit`` tasks run — which bounds the memory
+    their payloads hold (multipart parts, batches of chunk items) — and, once an earlier task
+    failed, raises its error instead of submitting more.  Used as a context manager: when the
+    block fails, the tasks not started are cancelled, those running are awaited, then
+    ``on_error`` cleans up (abort the upload, delete the chunks written) and the error goes on.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, limit: int, *, on_error: Callable[[], None]):
+        self._pool = pool
+        self._slots = threading.BoundedSemaphore(limit)
+        self._failed: list[BaseException] = []
+        self._on_error = on_error
+        self.futures: list[Future] = []
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:   # the error (if any) goes on
+        if exc_type is not None:
+            cancel_all(self.futures)
+            self._on_error()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        self._slots.acquire()
+        if self._failed:
+            self._slots.release()
+            raise self._failed[0]
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(self._done)
+        self.futures.append(fut)
+        return fut
+
+    def _done(self, fut: Future) -> None:
+        self._slots.release()
+        error = None if fut.cancelled() else fut.exception()
+        if error is not None:
+            self._failed.append(error)
+
+    def results(self) -> list:
+        """The tasks' results in submission order; the first error to occur is raised."""
+        if self._failed:
+            raise self._failed[0]
+        return [f.result() for f in self.futures]
+
+
+def cancel_all(futures: list) -> None:
+    """Cancel the futures that have not started, and wait for those that have."""
+    for f in futures:
+        f.cancel()
+    wait(futures)
+
+
+class AwsAdapter(BlobAdapter):
+    """Base of the adapters over one AWS service: what they do alike, once.
+
+    A subclass sets ``service`` (the boto3 service name, also the backend name in errors and
+    the prefix of its stats counters), ``thread_name_prefix`` and ``default_retry``; its config
+    is an ``AwsOptions`` with a ``max_concurrency`` (the pool's size).  It implements
+    ``_locate`` (the URL's resource and path) and may override ``_make_client`` (extra client
+    configuration), ``_count`` (names of counted requests), ``_overrides`` (its own error
+    codes, by code) and ``_map_code``.
+    """
+
+    service: ClassVar[str] = ""
+    thread_name_prefix: ClassVar[str] = "cylon-aws"
+    #: ``_call``'s retry mode when the caller names none (see ``_call``).
+    default_retry: ClassVar[str] = "none"
+    #: Retryable errors after which a request surely did not apply ("safe" retries them).
+    not_applied: ClassVar[tuple] = (ThrottledError,)
+
+    def __init__(self, location: str, config: Any, stats,
+                 options: Optional[StoreOptions] = None):
+        super().__init__(location, config, stats, options)
+        resource, _, path = location.split("://", 1)[1].partition("/")
+        self._locate(resource, path.strip("/"))
+        self._client = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._retry = counting_retries(self)
+
+    def _locate(self, resource: str, path: str) -> None:
+        """Check and keep the location ``scheme://resource/path`` (bucket and prefix, table and
+        namespace; ``path`` without surrounding slashes).  No network I/O."""
+        raise NotImplementedError
+
+    # -- client and pool ----------------------------------------------------------------
+    @property
+    def client(self):
+        """The boto3 client, built on first use (boto3 is imported then)."""
+        c = self._client
+        if c is None:
+            with self._lock:
+                if self._closed:
+                    raise StoreError("the adapter is closed", backend=self.service)
+                if self._client is None:
+                    self._client = self._make_client()
+                c = self._client
+        return c
+
+    def _make_client(self):
+        """This service's client (built once, under the lock)."""
+        return make_client(self.service, self.config, on_request=self._count)
+
+    def _count(self, operation: str) -> None:
+        """Count one HTTP attempt of ``operation`` (a boto3 operation name)."""
+        self.stats.count(f"{self.service}.{operation}")
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        p = self._pool
+        if p is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency,
+                                                    thread_name_prefix=self.thread_name_prefix)
+                p = self._pool
+        return p
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            client, self._client = self._client, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    # -- errors and calls ---------------------------------------------------------------
+    def _map(self, exc: BaseException, op: str, key: Optional[str], *, create: bool = False,
+             pinned: bool = False) -> StoreError:
+        """The project error for an exception of a boto3 call (a ``StoreError`` passes as it
+        is; an exception that is not the SDK's is re-raised).  ``create``: the call is a
+        create-if-absent write; ``pinned``: a read conditional on a version."""
+        if isinstance(exc, StoreError):
+            return exc
+        if not is_sdk_error(exc):
+            raise exc
+        kw: dict[str, Any] = {"backend": self.service, "op": op, "key": key}
+        if hasattr(exc, "response"):
+            code, status = error_code(exc)
+            err = self._map_code(code, status, kw, create=create, pinned=pinned)
+        else:
+            err = map_botocore_error(exc, **kw)
+        if isinstance(err, ThrottledError):
+            self.stats.count(f"{self.service}.throttled")
+        err.__cause__ = exc
+        return err
+
+    def _map_code(self, code: str, status: int, kw: dict, *, create: bool = False,
+                  pinned: bool = False) -> StoreError:
+        overrides = self._overrides(kw, create=create, pinned=pinned)
+        return map_error_code(code, status, overrides=overrides, **kw)
+
+    def _overrides(self, kw: dict, *, create: bool = False, pinned: bool = False) -> dict:
+        """This service's error codes that mean something else than ``map_error_code`` says
+        (code -> a function building the error), for a call described as in ``_map``."""
+        return {}
+
+    def _call(self, op: str, key: Optional[str], fn: Callable, *, retry: Optional[str] = None,
+              create: bool = False, pinned: bool = False):
+        """Run one boto3 call with its errors mapped.  ``retry``: "none" (the caller — the
+        facade, or an adapter loop — decides), "all" (idempotent: throttling and transient
+        errors), "safe" (only errors after which the request surely did not apply,
+        ``not_applied``); None: the adapter's ``default_retry``."""
+        retry = retry or self.default_retry
+
+        def attempt():
+            try:
+                return fn()
+            except BaseException as exc:
+                err = self._map(exc, op, key, create=create, pinned=pinned)
+                if retry == "safe" and err.retryable and not isinstance(err, self.not_applied):
+                    raise Uncertain(err) from exc
+                if err is exc:
+                    raise
+                raise err from exc
+
+        if retry == "none":
+            return attempt()
+        try:
+            return self._retry.call(attempt)
+        except Uncertain as u:
+            raise u.inner from u.inner.__cause__

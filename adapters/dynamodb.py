@@ -51,25 +51,23 @@ import dataclasses
 import logging
 import math
 import re
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow as pa
 
 from cylon_store import pricing
-from cylon_store.config import Size, StoreOptions
+from cylon_store.config import Size
 from cylon_store.errors import (AlreadyExistsError, ConfigError, NotFoundError,
                                 PayloadTooLargeError, PreconditionError, StoreError,
                                 ThrottledError, TransientError)
 from cylon_store.retry import poll_delays
 
 from . import _aws
-from ._aws import Uncertain as _Uncertain
-from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
+from .base import Capabilities, ObjectMeta, PutMode
 
 log = logging.getLogger(__name__)
 
@@ -156,90 +154,46 @@ class DynamoDBConfig(_aws.AwsOptions):
             raise ConfigError(f"option 'batch_bytes' must be positive, got {self.batch_bytes}")
 
 
-class _Unprocessed(ThrottledError):
-    """Batch items the service left unprocessed (capacity): retried with backoff."""
-
-
-class DynamoDBAdapter(BlobAdapter):
+class DynamoDBAdapter(_aws.AwsAdapter):
     scheme = "dynamodb"
+    service = "dynamodb"
+    thread_name_prefix = "cylon-ddb"
+    #: ``_call`` retries idempotent calls itself unless a caller says otherwise ("safe" for
+    #: the commit and the counter, "none" inside the batch loops that retry on their own).
+    default_retry = "all"
     Config = DynamoDBConfig
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=DEFAULT_MAX_OBJECT_SIZE, notification=False,
                                 atomic_counter=True, streaming_put=True, billing="units")
 
-    def __init__(self, location: str, config: DynamoDBConfig, stats,
-                 options: Optional[StoreOptions] = None):
-        super().__init__(location, config, stats, options)
-        rest = location.split("://", 1)[1]
-        table, _, namespace = rest.partition("/")
+    def _locate(self, table: str, namespace: str) -> None:
         if not _TABLE_RE.match(table):
-            raise ConfigError(f"invalid DynamoDB table name {table!r} in {location!r}: 3-255 "
-                              f"letters, digits, '_', '-' or '.'", backend="dynamodb")
+            raise ConfigError(f"invalid DynamoDB table name {table!r} in {self.location!r}: "
+                              f"3-255 letters, digits, '_', '-' or '.'", backend="dynamodb")
         self.table = table
-        self.namespace = namespace.strip("/")
+        self.namespace = namespace
         self._commit_pk = f"m#{self.namespace}"
         self._counter_pk = f"c#{self.namespace}"
-        if config.max_object_size != DEFAULT_MAX_OBJECT_SIZE:
+        if self.config.max_object_size != DEFAULT_MAX_OBJECT_SIZE:
             self.capabilities = dataclasses.replace(self.capabilities,
-                                                    max_object_size=config.max_object_size)
-        self._client = None
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._lock = threading.Lock()
+                                                    max_object_size=self.config.max_object_size)
         self._table_ready = False
-        self._closed = False
-        self._retry = _aws.RetryPolicy(options, lambda exc: self.stats.count("retries"))
 
     def describe(self) -> str:
         return f"dynamodb://{self.table}" + (f"/{self.namespace}" if self.namespace else "")
 
-    # -- plumbing -----------------------------------------------------------------------
+    # -- plumbing (client building, pool, close and _call are AwsAdapter's) ---------------
     @property
     def client(self):
         """The boto3 DynamoDB client; the first use also checks (or creates) the table."""
-        c = self._client
-        if c is None:
-            with self._lock:
-                if self._closed:
-                    raise StoreError("the adapter is closed", backend="dynamodb")
-                if self._client is None:
-                    self._client = _aws.make_client(
-                        "dynamodb", self.config,
-                        on_request=lambda op: self.stats.count(f"dynamodb.{op}"))
-                c = self._client
+        c = super().client
         if not self._table_ready:
             self._ensure_table(c)
         return c
 
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        p = self._pool
-        if p is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency,
-                                                    thread_name_prefix="cylon-ddb")
-                p = self._pool
-        return p
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-            client, self._client = self._client, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
-
-    def _map(self, exc: BaseException, op: str, key: Optional[str], *, create: bool = False):
-        if isinstance(exc, StoreError):
-            return exc
-        if not _aws.is_sdk_error(exc):
-            raise exc
-        kw = {"backend": "dynamodb", "op": op, "key": key}
+    def _overrides(self, kw: dict, *, create: bool = False, pinned: bool = False) -> dict:
+        """DynamoDB's own error codes (``create``: the conditional put of a commit item; reads
+        check versions themselves, so ``pinned`` changes nothing)."""
         region = self._client.meta.region_name if self._client is not None else None
         overrides = {
             "ResourceNotFoundException": lambda: ConfigError(
@@ -251,36 +205,7 @@ class DynamoDBAdapter(BlobAdapter):
         if create:
             overrides["ConditionalCheckFailedException"] = lambda: AlreadyExistsError(
                 "key already exists (create-if-absent)", **kw)
-        if hasattr(exc, "response"):
-            code, status = _aws.error_code(exc)
-            err = _aws.map_error_code(code, status, overrides=overrides, **kw)
-        else:
-            err = _aws.map_botocore_error(exc, **kw)
-        if isinstance(err, ThrottledError):
-            self.stats.count("dynamodb.throttled")
-        err.__cause__ = exc
-        return err
-
-    def _call(self, op: str, key: Optional[str], fn, *, retry: str = "all", create: bool = False):
-        """One boto3 call with errors mapped; ``retry`` as in the S3 adapter: "all" (idempotent),
-        "safe" (only when the request surely did not apply), "none" (leave it to the caller)."""
-        def attempt():
-            try:
-                return fn()
-            except BaseException as exc:
-                err = self._map(exc, op, key, create=create)
-                if retry == "safe" and err.retryable and not isinstance(err, ThrottledError):
-                    raise _Uncertain(err) from exc
-                if err is exc:
-                    raise
-                raise err from exc
-
-        if retry == "none":
-            return attempt()
-        try:
-            return self._retry.call(attempt)
-        except _Uncertain as u:
-            raise u.inner from u.inner.__cause__
+        return overrides
 
     def _write_units(self, *item_sizes: int) -> None:
         self.stats.add("dynamodb.write_units", sum(max(1, math.ceil(s / WRITE_UNIT))
@@ -297,7 +222,7 @@ class DynamoDBAdapter(BlobAdapter):
                 return
             created = False
             try:
-                desc = self._raw(lambda: client.describe_table(TableName=self.table), "connect")
+                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table))
             except ConfigError:  # ResourceNotFoundException
                 if not self.config.create_table:
                     raise ConfigError(
@@ -322,25 +247,13 @@ class DynamoDBAdapter(BlobAdapter):
                 self._ensure_ttl(client, created)
             self._table_ready = True
 
-    def _raw(self, fn, op: str):
-        return self._retry.call(lambda: self._mapped(fn, op))
-
-    def _mapped(self, fn, op: str):
-        try:
-            return fn()
-        except BaseException as exc:
-            err = self._map(exc, op, None)
-            if err is exc:
-                raise
-            raise err from exc
-
     def _create_table(self, client) -> dict:
         log.info("creating DynamoDB table %s (on-demand)", self.table)
         try:
-            self._raw(lambda: client.create_table(
+            self._call("connect", None, lambda: client.create_table(
                 TableName=self.table, KeySchema=KEY_SCHEMA, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": PK, "AttributeType": "S"},
-                                      {"AttributeName": SK, "AttributeType": "S"}]), "connect")
+                                      {"AttributeName": SK, "AttributeType": "S"}]))
         except StoreError as exc:
             # Another process is creating it at the same moment: wait for it like for ours.
             if _aws.error_code(exc.__cause__)[0] != "ResourceInUseException":
@@ -352,7 +265,7 @@ class DynamoDBAdapter(BlobAdapter):
         delays = poll_delays(first=0.05, cap=2.0)
         while True:
             try:
-                desc = self._raw(lambda: client.describe_table(TableName=self.table), "connect")
+                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table))
                 if desc["Table"].get("TableStatus") == "ACTIVE":
                     return desc
             except ConfigError:  # not visible yet right after CreateTable
@@ -364,8 +277,8 @@ class DynamoDBAdapter(BlobAdapter):
 
     def _ensure_ttl(self, client, created: bool) -> None:
         if not created:
-            desc = self._raw(lambda: client.describe_time_to_live(TableName=self.table),
-                             "connect").get("TimeToLiveDescription", {})
+            desc = self._call("connect", None, lambda: client.describe_time_to_live(
+                TableName=self.table)).get("TimeToLiveDescription", {})
             status = desc.get("TimeToLiveStatus")
             if status in ("ENABLED", "ENABLING"):
                 if desc.get("AttributeName") != TTL_ATTRIBUTE:
@@ -375,10 +288,9 @@ class DynamoDBAdapter(BlobAdapter):
                         op="connect")
                 return
         try:
-            self._raw(lambda: client.update_time_to_live(
+            self._call("connect", None, lambda: client.update_time_to_live(
                 TableName=self.table,
-                TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}),
-                "connect")
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}))
         except StoreError as exc:
             # ValidationException: TTL is already being enabled by another process.
             if _aws.error_code(exc.__cause__)[0] != "ValidationException":
@@ -425,17 +337,12 @@ class DynamoDBAdapter(BlobAdapter):
             yield from views
 
         written = 0
-        futures = []
-        failed: list[BaseException] = []
-        gate = threading.BoundedSemaphore(self.config.max_concurrency)
-
-        def done(fut):
-            gate.release()
-            if not fut.cancelled() and fut.exception() is not None:
-                failed.append(fut.exception())
-
         size = 0
-        try:
+        # At most max_concurrency batches in flight (bounds memory); any failure deletes the
+        # chunks written so far.
+        with _aws.Gate(self.pool, self.config.max_concurrency,
+                       on_error=lambda: self._delete_chunks_quietly(version, written,
+                                                                    chunk_size)) as gate:
             batch: list = []
             for i, data in enumerate(_aws.cut(all_views(), lambda n: chunk_size)):
                 size += len(data)
@@ -447,27 +354,14 @@ class DynamoDBAdapter(BlobAdapter):
                 batch.append({**self._chunk_key(version, i), "b": {"B": data}, **self._expiry()})
                 written = i + 1
                 if len(batch) == per_batch:
-                    gate.acquire()  # bounds memory: max_concurrency batches in flight
-                    if failed:
-                        gate.release()
-                        raise failed[0]
-                    fut = self.pool.submit(self._batch_put, key, batch)
-                    fut.add_done_callback(done)
-                    futures.append(fut)
+                    gate.submit(self._batch_put, key, batch)
                     batch = []
             if batch:
                 self._batch_put(key, batch)
-            for f in futures:
-                f.result()
+            gate.results()
             item = {**self._commit_key(key), "v": {"S": version}, "n": {"N": str(size)},
                     "c": {"N": str(written)}, "s": {"N": str(chunk_size)}, **self._expiry()}
             self._commit(client, key, item, version, create)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            wait(futures)
-            self._delete_chunks_quietly(version, written, chunk_size)
-            raise
         return size
 
     def _commit(self, client, key, item, version, create: bool) -> None:
@@ -512,20 +406,25 @@ class DynamoDBAdapter(BlobAdapter):
         def attempt():
             nonlocal pending
             reqs = [r for r, _ in pending]
-            resp = self._mapped(lambda: self._client.batch_write_item(
-                RequestItems={self.table: reqs}), "put")
+            resp = self._call("put", None, lambda: self._client.batch_write_item(
+                RequestItems={self.table: reqs}), retry="none")
             left = resp.get("UnprocessedItems", {}).get(self.table, [])
             still = _match_unprocessed(pending, left) if left else []
             unprocessed = {id(r) for r, _ in still}
             self._write_units(*(s for r, s in pending if id(r) not in unprocessed))
             pending = still
-            if left:
-                self.stats.count("dynamodb.unprocessed", len(left))
-                self.stats.count("dynamodb.throttled")
-                raise _Unprocessed(f"{len(left)} items left unprocessed (capacity)",
-                                   backend="dynamodb", op="put", key=key)
+            self._raise_unprocessed(left, "items", "put", key)
 
         self._retry.call(attempt)
+
+    def _raise_unprocessed(self, left: list, what: str, op: str, key) -> None:
+        """Count what a batch request left unprocessed, and raise ``_Unprocessed`` (throttling:
+        the batch loop's retry re-sends it with backoff)."""
+        if left:
+            self.stats.count("dynamodb.unprocessed", len(left))
+            self.stats.count("dynamodb.throttled")
+            raise _Unprocessed(f"{len(left)} {what} left unprocessed (capacity)",
+                               backend="dynamodb", op=op, key=key)
 
     def _delete_chunks(self, version: str, count: int, chunk_size: int) -> None:
         reqs = [{"DeleteRequest": {"Key": self._chunk_key(version, i)}} for i in range(count)]
@@ -619,9 +518,7 @@ class DynamoDBAdapter(BlobAdapter):
             for f in futures:
                 f.result()
         except BaseException:
-            for f in futures:
-                f.cancel()
-            wait(futures)
+            _aws.cancel_all(futures)
             raise
         return out
 
@@ -646,18 +543,14 @@ class DynamoDBAdapter(BlobAdapter):
 
         def attempt():
             nonlocal pending
-            resp = self._mapped(lambda: self._client.batch_get_item(RequestItems={
-                self.table: {"Keys": pending, "ConsistentRead": consistent}}), "get")
+            resp = self._call("get", None, lambda: self._client.batch_get_item(RequestItems={
+                self.table: {"Keys": pending, "ConsistentRead": consistent}}), retry="none")
             for it in resp.get("Responses", {}).get(self.table, ()):
                 found[int(it[PK]["S"].rsplit("#", 1)[1])] = it["b"]["B"]
                 self._read_units(_item_size(it), consistent=consistent)
             left = resp.get("UnprocessedKeys", {}).get(self.table, {}).get("Keys", [])
             pending = left
-            if left:
-                self.stats.count("dynamodb.unprocessed", len(left))
-                self.stats.count("dynamodb.throttled")
-                raise _Unprocessed(f"{len(left)} keys left unprocessed (capacity)",
-                                   backend="dynamodb", op="get", key=key)
+            self._raise_unprocessed(left, "keys", "get", key)
 
         self._retry.call(attempt)
         return found
@@ -699,11 +592,12 @@ class DynamoDBAdapter(BlobAdapter):
 
     def list(self, prefix: str) -> list[ObjectMeta]:
         client = self.client
-        params = {"TableName": self.table, "ConsistentRead": True,
-                  "ExpressionAttributeValues": {":p": {"S": self._commit_pk}}}
+        values: dict[str, dict[str, str]] = {":p": {"S": self._commit_pk}}
+        params: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True,
+                                  "ExpressionAttributeValues": values}
         if prefix:
             params["KeyConditionExpression"] = f"{PK} = :p AND begins_with({SK}, :s)"
-            params["ExpressionAttributeValues"][":s"] = {"S": prefix}
+            values[":s"] = {"S": prefix}
         else:
             params["KeyConditionExpression"] = f"{PK} = :p"
         out = []
@@ -766,6 +660,10 @@ def _item_size(item: Optional[dict]) -> int:
     if not item:
         return 0
     return sum(len(name.encode("utf-8")) + _value_size(v) for name, v in item.items())
+
+
+class _Unprocessed(ThrottledError):
+    """Batch items the service left unprocessed (capacity): retried with backoff."""
 
 
 def _match_unprocessed(pending: list, left: list) -> list:

@@ -2,9 +2,9 @@
 
 Guarantees: a put becomes visible atomically — data chunks are written under version-named keys
 first and one commit record (``SET`` of a 64-byte header, with small values inline) publishes
-them; a reader that finds a chunk of its version gone retries or fails, it never mixes versions.
-Only ElastiCache-allowed commands are used (no KEYS, CONFIG, DEBUG; SCAN lists).  Every Redis
-key of one object shares a hash tag, so the adapter also runs on a cluster client.
+them; a reader that finds a chunk of its version gone reads again or fails, it never mixes
+versions.  Only ElastiCache-allowed commands are used (no KEYS, CONFIG, DEBUG; SCAN lists).
+Every Redis key of one object shares a hash tag, so the adapter also runs on a cluster client.
 
 Redis key layout (``P`` is the ``prefix`` option, ``E`` the escaped store key, ``T`` its tag)::
 
@@ -12,21 +12,53 @@ Redis key layout (``P`` is the ``prefix`` option, ``E`` the escaped store key, `
     P d:E{T}:VER:I       chunk I of version VER of a value larger than one chunk
     P n:E{T}  P c:E{T}   notification list (RPUSH/BLPOP), counter (INCR)
 
+==================  ============================================================================
+put                 atomic: chunks (``chunk_size``) SET pipelined, then the commit record: SET NX
+                    for ``mode=CREATE`` (exactly one concurrent creator wins), else MULTI
+                    (GETRANGE of the old header, SET) EXEC, whose old header names the chunks
+                    to UNLINK.  A failed put unlinks the chunks it wrote (unless the commit's
+                    reply was lost: then the ``ttl`` reclaims them if it did not land)
+get                 GET of the record (an inline value lands in the result buffer directly), then
+                    its chunks, pipelined in a ``READ_WINDOW`` window; a byte range reads header
+                    and inline range in one MULTI.  A chunk gone means the object was replaced
+                    (``TransientError``: the facade reads again) — or, if the record still names
+                    that version, lost (``IntegrityError``); ``if_version`` -> PreconditionError
+head                GETRANGE of the record's 64-byte header; version is the header's version id
+delete_many         MULTI (GETRANGE, DEL) EXEC per key, pipelined per node; then UNLINK of the
+                    chunks the deleted headers name; missing keys are not an error
+list                SCAN MATCH of the prefix on every primary, then the headers (GETRANGE)
+notify / wait       RPUSH (+ PEXPIRE with a ttl) / BLPOP, then MULTI (LRANGE, DEL) EXEC in the
+                    same round trip: every message left, in order
+incr                INCR (+ PEXPIRE with a ttl), sent once; delete_counter: DEL
+==================  ============================================================================
+
+Retries: one layer (``cylon_store.retry``).  The facade retries the idempotent operations;
+this adapter retries only what the facade does not — ``notify`` and ``wait`` (safe to repeat:
+receivers dedupe announcements and LIST for lost ones) and the connection checkout before INCR —
+with the store's ``retries``/``retry_base``/``retry_cap``, each retry counted under ``retries``.
+redis-py's own retries are off.  Errors map by redis-py's exception class (connection and
+timeout errors, LOADING, READONLY, TRYAGAIN, MOVED/ASK, CLUSTERDOWN/MASTERDOWN -> retryable
+``TransientError``; a full pool -> ``ThrottledError``; OOM -> ``PayloadTooLargeError``; AUTH,
+NOPERM and TLS verification -> ``PermissionDeniedError``) and, for replies redis-py has no
+class for, by their error code (BUSY -> ``ThrottledError``, WRONGTYPE -> ``IntegrityError``);
+never by message text.
+
 The data path packs RESP commands itself and sends payload buffers without copying them, and
 reads bulk replies straight from the socket into the result buffer; redis-py provides the
 connections (pooling, AUTH, TLS, database selection), reply parsing of small replies, the error
-classes and, in cluster mode, the slot map.
+classes and, in cluster mode, the slot map.  The redis-py internals this needs are confined to
+``_redis_compat.py``, which names the redis-py releases they are verified with.
 """
 
 from __future__ import annotations
 
+import builtins
+
 import os
-import random
 import socket
 import ssl
 import struct
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Optional, Sequence
@@ -40,6 +72,8 @@ from cylon_store.errors import (AlreadyExistsError, ConfigError, IntegrityError,
                                 NotFoundError, PayloadTooLargeError, PermissionDeniedError,
                                 PreconditionError, StoreError, ThrottledError, TransientError)
 
+from . import _redis_compat as compat
+from ._retry import counting_retries
 from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
 
 #: Largest bulk string a Redis server accepts by default (``proto-max-bulk-len``, redis.conf;
@@ -285,7 +319,7 @@ class RespReader:
     it reads, so redis-py's own parser never holds a partial reply."""
 
     def __init__(self, conn):
-        self.sock = conn._sock
+        self.sock = compat.socket_of(conn)
         self.buf = bytearray()
         self.pos = 0
 
@@ -334,8 +368,7 @@ class RespReader:
         if kind == b"$":
             return int(line[1:])
         if kind == b"-":
-            from redis._parsers.base import BaseParser
-            raise BaseParser.parse_error(line[1:].decode("utf-8", "replace"))
+            raise compat.error_from_reply(line[1:].decode("utf-8", "replace"))
         raise _Closed(f"protocol error: expected a bulk string, got {line[:20]!r}")
 
     def skip(self, n: int) -> None:
@@ -385,7 +418,7 @@ DIRECT_READS = True
 
 
 def reader_for(conn):
-    if DIRECT_READS and getattr(conn, "_sock", None) is not None:
+    if DIRECT_READS and compat.socket_of(conn) is not None:
         return RespReader(conn)
     return ParsedReader(conn)
 
@@ -436,8 +469,16 @@ class _ClusterRouter:
 
 
 # ---------------------------------------------------------------------------------------------
-# Error mapping (by redis-py error class, which redis-py derives from the reply's error code)
+# Error mapping: by redis-py's exception class (which redis-py derives from the reply's error
+# code), and by the error code itself for the codes redis-py has no class for; never by the
+# message text.
 # ---------------------------------------------------------------------------------------------
+
+#: Error codes of replies redis-py raises as a plain ``ResponseError``.  BUSY: a script or
+#: function runs past its time limit (the server refuses other commands until it ends);
+#: WRONGTYPE: a key holds another data type (Redis command reference, "Errors").
+BUSY_CODES = frozenset({"BUSY"})
+WRONG_TYPE_CODES = frozenset({"WRONGTYPE"})
 
 def map_redis_error(exc: BaseException, *, op: str, key: Optional[str], where: str) -> StoreError:
     from redis import exceptions as R
@@ -475,10 +516,10 @@ def map_redis_error(exc: BaseException, *, op: str, key: Optional[str], where: s
     if isinstance(exc, (R.ConnectionError, _Closed, OSError)):
         return make(TransientError, f"cannot talk to Redis at {where} (refused, reset or closed)")
     if isinstance(exc, R.ResponseError):
-        code = str(exc).split(" ", 1)[0]
-        if code in ("BUSY", "LOADING", "MASTERDOWN"):
+        code = compat.error_code(exc)
+        if code in BUSY_CODES:
             return make(ThrottledError, f"Redis at {where} is busy")
-        if code == "WRONGTYPE":
+        if code in WRONG_TYPE_CODES:
             return make(IntegrityError, "a Redis key of this store holds a value of another type "
                         "(another application writes under this prefix?)")
         return make(StoreError, f"Redis at {where} refused the command")
@@ -491,10 +532,11 @@ def map_redis_error(exc: BaseException, *, op: str, key: Optional[str], where: s
 
 def _caused_by(exc: BaseException, cls: type) -> bool:
     seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, cls):
+    cur: Optional[BaseException] = exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, cls):
             return True
-        exc = exc.__cause__ or exc.__context__
+        cur = cur.__cause__ or cur.__context__
         seen += 1
     return False
 
@@ -504,9 +546,9 @@ def _is_redis_error(exc: BaseException) -> bool:
     return isinstance(exc, (R.RedisError, R.RedisClusterException, OSError, _Closed))
 
 
-class _Retry(Exception):
-    """A chunk of ``version`` was missing: the read raced with an overwrite or delete (start
-    over), unless the record still names the same version (then the chunk is gone for good)."""
+class _ChunkMissing(Exception):
+    """A chunk of ``version`` was missing: the read raced with an overwrite or delete (read
+    again), unless the record still names the same version (then the chunk is gone for good)."""
 
     def __init__(self, version: bytes):
         super().__init__(version)
@@ -527,7 +569,8 @@ class RedisAdapter(BlobAdapter):
         super().__init__(location, config, stats, options)
         parts = urlsplit(location)
         self.tls = parts.scheme.lower() == "rediss"
-        self.scheme = parts.scheme.lower()
+        # redis:// or rediss:// (TLS): the same adapter class serves both schemes.
+        self.scheme = parts.scheme.lower()  # type: ignore[misc]
         try:
             self.host = parts.hostname or "127.0.0.1"
             self.port = parts.port or 6379
@@ -553,6 +596,9 @@ class RedisAdapter(BlobAdapter):
         self._router = None
         self._router_lock = threading.Lock()
         self._pid = os.getpid()
+        #: Retries this adapter runs itself (notify, wait, the checkout before INCR), on the
+        #: store's retry options and counted as the facade counts its own.
+        self._retry = counting_retries(self)
 
     @staticmethod
     def _safe(location: str) -> str:
@@ -564,15 +610,19 @@ class RedisAdapter(BlobAdapter):
                 + ("&cluster=true" if self.config.cluster else ""))
 
     # -- connections ----------------------------------------------------------------------
-    def _connection_kwargs(self) -> dict:
+    @staticmethod
+    def _no_retries():
+        """redis-py's own retries, off: one retry layer (``cylon_store.retry``), so that
+        attempts do not multiply."""
         from redis.backoff import NoBackoff
         from redis.retry import Retry
+        return Retry(NoBackoff(), 0)
+
+    def _connection_kwargs(self) -> dict:
         c = self.config
         kw = dict(username=self.username, password=self.password, socket_timeout=c.socket_timeout,
                   socket_connect_timeout=c.connect_timeout, socket_keepalive=True,
-                  health_check_interval=0, protocol=2,
-                  # One retry layer (the facade's): redis-py itself tries once.
-                  retry=Retry(NoBackoff(), 0))
+                  health_check_interval=0, protocol=2, retry=self._no_retries())
         if self.tls:
             kw.update(ssl_ca_certs=c.tls_ca_certs, ssl_certfile=c.tls_certfile,
                       ssl_keyfile=c.tls_keyfile, ssl_cert_reqs="required" if c.tls_verify else "none",
@@ -584,11 +634,13 @@ class RedisAdapter(BlobAdapter):
         kw = self._connection_kwargs()
         if self.config.cluster:
             from redis.cluster import RedisCluster
-            kw.pop("retry")
+            # The cluster client takes its retry as a parameter (not a connection option); it
+            # gives its node connections none of their own.
+            retry = kw.pop("retry")
             if self.tls:
                 kw["ssl"] = True
             try:
-                client = RedisCluster(host=self.host, port=self.port,
+                client = RedisCluster(host=self.host, port=self.port, retry=retry,
                                       max_connections=self.config.max_connections, **kw)
             except Exception as exc:
                 raise map_redis_error(exc, op="connect", key=None, where=self.where) from exc
@@ -632,7 +684,7 @@ class RedisAdapter(BlobAdapter):
         session = _Session(self, conn)
         try:
             yield session
-        except (StoreError, _Retry):
+        except (StoreError, _ChunkMissing):
             raise
         except Exception as exc:
             if _is_redis_error(exc):
@@ -728,32 +780,35 @@ class RedisAdapter(BlobAdapter):
     def get(self, key, byte_range=None, if_version=None):
         rkey = self.keys.record(key)
         want = if_version.encode() if isinstance(if_version, str) else if_version
-        missing = None
-        for attempt in range(8):
-            try:
-                with self._session(rkey, "get", key) as s:
-                    if byte_range is None:
-                        return s.get_whole(rkey, key, want)
-                    return s.get_range(rkey, key, byte_range, want)
-            except _Retry as exc:
-                if exc.version == missing:
-                    raise IntegrityError("a chunk of the current version is missing (evicted "
-                                         "under memory pressure, or expired: see the ttl and "
-                                         "maxmemory-policy notes)", backend="redis", op="get",
-                                         key=key) from None
-                missing = exc.version
-                time.sleep(random.uniform(0, 0.001 * 2 ** attempt))
-        raise TransientError("the object kept changing while it was read", backend="redis",
-                             op="get", key=key)
+        try:
+            with self._session(rkey, "get", key) as s:
+                if byte_range is None:
+                    return s.get_whole(rkey, key, want)
+                return s.get_range(rkey, key, byte_range, want)
+        except _ChunkMissing as exc:
+            missing = exc.version
+        # A chunk of the version read was gone.  If the record still names that version, the
+        # chunk is lost for good and reading again cannot help; otherwise the object was
+        # replaced or deleted while it was read, and the facade's retry reads it again.
+        current = self._header(rkey, "get", key)
+        if current is not None and current.version == missing:
+            raise IntegrityError("a chunk of the current version is missing (evicted under "
+                                 "memory pressure, or expired: see the ttl and maxmemory-policy "
+                                 "notes)", backend="redis", op="get", key=key)
+        raise TransientError("object was replaced while it was read; read it again",
+                             backend="redis", op="get", key=key)
 
     def head(self, key) -> ObjectMeta:
-        rkey = self.keys.record(key)
-        with self._session(rkey, "head", key) as s:
-            raw = s.call(b"GETRANGE", rkey, 0, HEADER_SIZE - 1)
-        if not raw:
+        h = self._header(self.keys.record(key), "head", key)
+        if h is None:
             raise NotFoundError("no such key", backend="redis", op="head", key=key)
-        h = Header.parse(raw, key=key, op="head")
         return ObjectMeta(key, h.size, h.version.decode())
+
+    def _header(self, rkey: bytes, op: str, key: str) -> Optional[Header]:
+        """The header of the commit record ``rkey`` (one GETRANGE), None if there is none."""
+        with self._session(rkey, op, key) as s:
+            raw = s.call(b"GETRANGE", rkey, 0, HEADER_SIZE - 1)
+        return Header.parse(raw, key=key, op=op) if raw else None
 
     # -- delete / list ------------------------------------------------------------------------
     def delete_many(self, keys: Sequence[str]) -> None:
@@ -796,11 +851,12 @@ class RedisAdapter(BlobAdapter):
                     mine = [(k, self.keys.parse_record(k)) for k in rkeys]
                     mine = [(k, name) for k, name in mine if name is not None and name.startswith(prefix)
                             and name not in found]
+                    named: list[tuple[bytes, str]] = [(k, name) for k, name in mine if name is not None]
                     if mine:
                         p = Packer()
-                        for k, _ in mine:
+                        for k, _ in named:
                             p.command(b"GETRANGE", k, 0, HEADER_SIZE - 1)
-                        for (k, name), raw in zip(mine, s.batch(p)):
+                        for (k, name), raw in zip(named, s.batch(p)):
                             if not raw:
                                 continue  # deleted since the scan saw it
                             try:
@@ -825,12 +881,15 @@ class RedisAdapter(BlobAdapter):
                 if self.config.ttl is not None:
                     p.command(b"PEXPIRE", ch, int(self.config.ttl * 1000))
                 s.batch(p)
-        _retry_transient(once)  # a duplicate message is harmless: receivers dedupe
+        # Safe to repeat: a receiver keeps the keys it is told about in a set, so a message
+        # delivered twice (the reply of a first attempt lost) is harmless.
+        self._retry.call(once, idempotent=True)
 
-    def wait(self, channel: str, timeout: float) -> list:
+    def wait(self, channel: str, timeout: float) -> builtins.list:
         """BLPOP for the first message, then take the rest in one transaction (LRANGE + DEL),
         all in one round trip.  A connection lost after the server ran it loses the messages:
-        the communicator LISTs as a fallback, so they only cost time."""
+        the communicator LISTs as a fallback, so they only cost time — which is also why a
+        failed attempt is safe to repeat."""
         if not self.capabilities.notification:
             return super().wait(channel, timeout)
         ch = self.keys.channel(channel)
@@ -848,12 +907,13 @@ class RedisAdapter(BlobAdapter):
                 first = [replies[0][1]] if timeout > 0 and replies[0] is not None else []
                 rest = replies[-1][0] if replies[-1] else []
                 return [bytes(m) for m in first + list(rest)]
-        return _retry_transient(once)
+        return self._retry.call(once, idempotent=True)
 
     def incr(self, key: str) -> int:
         ck = self.keys.counter(key)
-        # INCR is not idempotent: it is sent once; only failing to connect is retried.
-        pool = _retry_transient(lambda: self._checked_pool(ck, "incr", key))
+        # INCR is not idempotent: it is sent once; only the checkout of a connection before it
+        # (nothing sent yet) is retried.
+        pool = self._retry.call(lambda: self._checked_pool(ck, "incr", key), idempotent=True)
         with self._session(ck, "incr", key, pool=pool) as s:
             p = Packer()
             p.command(b"INCR", ck)
@@ -871,22 +931,10 @@ class RedisAdapter(BlobAdapter):
         return pool
 
     def delete_counter(self, key: str) -> None:
+        # Idempotent: the facade retries it (Store.delete_counter), so not here as well.
         ck = self.keys.counter(key)
-        _retry_transient(lambda: self._delete_one(ck, "delete_counter", key))
-
-    def _delete_one(self, rkey: bytes, op: str, key: str) -> None:
-        with self._session(rkey, op, key) as s:
-            s.call(b"DEL", rkey)
-
-
-def _retry_transient(fn, attempts: int = 4):
-    for i in range(attempts):
-        try:
-            return fn()
-        except (TransientError, ThrottledError):
-            if i == attempts - 1:
-                raise
-            time.sleep(random.uniform(0, 0.05 * 2 ** i))
+        with self._session(ck, "delete_counter", key) as s:
+            s.call(b"DEL", ck)
 
 
 def _as_view(piece) -> memoryview:
@@ -1143,7 +1191,7 @@ class _Session:
             if want is not None:
                 raise PreconditionError("object changed (or its chunks expired) while it was "
                                         "read", backend="redis", op="get", key=key)
-            raise _Retry(h.version)
+            raise _ChunkMissing(h.version)
 
     def _done(self, rd) -> None:
         """Every reply of the batch was read; bytes beyond them would be a protocol error."""

@@ -41,22 +41,19 @@ import io
 import itertools
 import logging
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import pyarrow as pa
 
 from cylon_store import pricing
-from cylon_store.config import Size, StoreOptions
+from cylon_store.config import Size
 from cylon_store.errors import (AlreadyExistsError, ConfigError, InvalidKeyError, NotFoundError,
                                 NotSupportedError, PayloadTooLargeError, PreconditionError,
                                 StoreError, ThrottledError, TransientError)
 
 from . import _aws
-from ._aws import Uncertain as _Uncertain
-from .base import BlobAdapter, Capabilities, ObjectMeta, PutMode
+from .base import Capabilities, ObjectMeta, PutMode
 
 log = logging.getLogger(__name__)
 
@@ -135,39 +132,33 @@ class _ConditionalConflict(TransientError):
     """409 ConditionalRequestConflict: a concurrent conditional write is in flight; retry."""
 
 
-
-
-class S3Adapter(BlobAdapter):
+class S3Adapter(_aws.AwsAdapter):
     scheme = "s3"
+    service = "s3"
+    thread_name_prefix = "cylon-s3"
+    #: The facade retries whole operations; ``_call`` retries only where asked.
+    default_retry = "none"
+    not_applied = (ThrottledError, _ConditionalConflict)
     Config = S3Config
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=MAX_OBJECT_SIZE, notification=False,
                                 atomic_counter=False, streaming_put=True, billing="requests")
 
-    def __init__(self, location: str, config: S3Config, stats,
-                 options: Optional[StoreOptions] = None):
-        super().__init__(location, config, stats, options)
-        rest = location.split("://", 1)[1]
-        bucket, _, prefix = rest.partition("/")
+    def _locate(self, bucket: str, prefix: str) -> None:
         if not bucket:
-            raise ConfigError(f"S3 URL needs a bucket: s3://bucket/prefix, got {location!r}",
-                              backend="s3")
+            raise ConfigError(f"S3 URL needs a bucket: s3://bucket/prefix, got "
+                              f"{self.location!r}", backend="s3")
         if not _BUCKET_RE.match(bucket):
             raise ConfigError(f"invalid S3 bucket name {bucket!r}", backend="s3")
-        prefix = prefix.strip("/")
         if "//" in prefix:
             raise ConfigError(f"S3 prefix {prefix!r} has an empty segment", backend="s3")
         self.bucket = bucket
         self.prefix = prefix
         self._prefix = f"{prefix}/" if prefix else ""
+        config = self.config
         if not config.conditional_create:
             self.capabilities = _with(self.capabilities, conditional_create=False)
-        self._client = None
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._lock = threading.Lock()
         self._bucket_known = False
-        self._closed = False
-        self._retry = _aws.RetryPolicy(options, lambda exc: self.stats.count("retries"))
         sse = {}
         if config.sse:
             sse["ServerSideEncryption"] = config.sse
@@ -178,60 +169,25 @@ class S3Adapter(BlobAdapter):
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
-    # -- plumbing -----------------------------------------------------------------------
-    @property
-    def client(self):
-        """The boto3 S3 client, built on first use (boto3 is imported then)."""
-        c = self._client
-        if c is None:
-            with self._lock:
-                if self._closed:
-                    raise StoreError("the adapter is closed", backend="s3")
-                if self._client is None:
-                    cfg = self.config
-                    extra = {}
-                    if cfg.addressing_style:
-                        extra["s3"] = {"addressing_style": cfg.addressing_style}
-                    mode = "when_supported" if cfg.wire_checksums else "when_required"
-                    extra["request_checksum_calculation"] = mode
-                    extra["response_checksum_validation"] = mode
-                    client = _aws.make_client("s3", cfg, on_request=self._count,
-                                              extra_config=extra)
-                    # botocore sends "Expect: 100-continue" (one more round trip) for file
-                    # bodies but not for bytes; ours are files only to avoid a copy.
-                    from botocore.handlers import add_expect_header
-                    for op in ("PutObject", "UploadPart"):
-                        client.meta.events.unregister(f"before-call.s3.{op}", add_expect_header)
-                    self._client = client
-                c = self._client
-        return c
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        p = self._pool
-        if p is None:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency,
-                                                    thread_name_prefix="cylon-s3")
-                p = self._pool
-        return p
+    # -- plumbing (client, pool, close and _call are AwsAdapter's) ------------------------
+    def _make_client(self):
+        cfg = self.config
+        extra = {}
+        if cfg.addressing_style:
+            extra["s3"] = {"addressing_style": cfg.addressing_style}
+        mode = "when_supported" if cfg.wire_checksums else "when_required"
+        extra["request_checksum_calculation"] = mode
+        extra["response_checksum_validation"] = mode
+        client = _aws.make_client("s3", cfg, on_request=self._count, extra_config=extra)
+        # botocore sends "Expect: 100-continue" (one more round trip) for file bodies but not
+        # for bytes; ours are files only to avoid a copy.
+        from botocore.handlers import add_expect_header
+        for op in ("PutObject", "UploadPart"):
+            client.meta.events.unregister(f"before-call.s3.{op}", add_expect_header)
+        return client
 
     def _count(self, operation: str) -> None:
         self.stats.count(f"s3.{_KIND.get(operation, operation)}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-            client, self._client = self._client, None
-        if pool is not None:
-            pool.shutdown(wait=True)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
 
     def _object_key(self, key: str) -> str:
         if len((self._prefix + key).encode("utf-8", "surrogatepass")) > 1024:
@@ -239,14 +195,9 @@ class S3Adapter(BlobAdapter):
                                   backend="s3", key=key)
         return self._prefix + key
 
-    def _map(self, exc: BaseException, op: str, key: Optional[str], *, create: bool = False,
-             pinned: bool = False) -> StoreError:
-        """The project error for an exception of a boto3 call."""
-        if isinstance(exc, StoreError):
-            return exc
-        if not _aws.is_sdk_error(exc):
-            raise exc
-        kw = {"backend": "s3", "op": op, "key": key}
+    def _overrides(self, kw: dict, *, create: bool = False, pinned: bool = False) -> dict:
+        """S3's own error codes (``create``: a create-if-absent put; ``pinned``: a read
+        conditional on an ETag)."""
         overrides = {
             "NoSuchBucket": lambda: ConfigError(
                 f"bucket {self.bucket!r} does not exist (create it, or check the URL, the region "
@@ -265,46 +216,18 @@ class S3Adapter(BlobAdapter):
         if create:
             overrides["PreconditionFailed"] = lambda: AlreadyExistsError(
                 "key already exists (create-if-absent)", **kw)
-            overrides["NotImplemented"] = lambda: self._no_conditional_writes(op, key)
+            overrides["NotImplemented"] = lambda: self._no_conditional_writes(kw["op"], kw["key"])
         elif pinned:
             overrides["PreconditionFailed"] = lambda: PreconditionError(
                 "object changed since it was first read", **kw)
-        code, status = _aws.error_code(exc) if hasattr(exc, "response") else ("", 0)
-        if code.startswith("KMS."):
-            err = ConfigError(f"SSE-KMS failed ({code}): check sse_kms_key_id and the key's "
-                              f"policy", **kw)
-        elif hasattr(exc, "response"):
-            err = _aws.map_error_code(code, status, overrides=overrides, **kw)
-        else:
-            err = _aws.map_botocore_error(exc, **kw)
-        if isinstance(err, ThrottledError):
-            self.stats.count("s3.throttled")
-        err.__cause__ = exc
-        return err
+        return overrides
 
-    def _call(self, op: str, key: Optional[str], fn, *, retry: str = "none", create: bool = False,
-              pinned: bool = False):
-        """Run one boto3 call with its errors mapped.  ``retry``: "none" (the facade decides),
-        "all" (idempotent: throttling and transient errors), "safe" (only errors after which the
-        request surely did not apply: throttling and conditional conflicts)."""
-        def attempt():
-            try:
-                return fn()
-            except BaseException as exc:
-                err = self._map(exc, op, key, create=create, pinned=pinned)
-                if retry == "safe" and err.retryable and not isinstance(
-                        err, (ThrottledError, _ConditionalConflict)):
-                    raise _Uncertain(err) from exc
-                if err is exc:
-                    raise
-                raise err from exc
-
-        if retry == "none":
-            return attempt()
-        try:
-            return self._retry.call(attempt)
-        except _Uncertain as u:
-            raise u.inner from u.inner.__cause__
+    def _map_code(self, code: str, status: int, kw: dict, *, create: bool = False,
+                  pinned: bool = False) -> StoreError:
+        if code.startswith("KMS."):   # the KMS error codes S3 passes on: KMS.NotFoundException...
+            return ConfigError(f"SSE-KMS failed ({code}): check sse_kms_key_id and the key's "
+                               f"policy", **kw)
+        return super()._map_code(code, status, kw, create=create, pinned=pinned)
 
     # -- put ----------------------------------------------------------------------------
     def put(self, key, chunks: Iterable, mode=PutMode.OVERWRITE) -> int:
@@ -356,39 +279,19 @@ class S3Adapter(BlobAdapter):
             self._require_conditional(key)
         upload_id = self._call("put", key, lambda: self.client.create_multipart_upload(
             Bucket=self.bucket, Key=k, **self._sse), retry="all")["UploadId"]
-        futures = []
-        failed: list[BaseException] = []
-        gate = threading.BoundedSemaphore(self.config.max_concurrency)
         size = 0
-
-        def done(fut):
-            gate.release()
-            if not fut.cancelled() and fut.exception() is not None:
-                failed.append(fut.exception())
-
-        try:
+        # At most max_concurrency parts in flight (bounds memory); any failure aborts the upload.
+        with _aws.Gate(self.pool, self.config.max_concurrency,
+                       on_error=lambda: self._abort(k, key, upload_id)) as gate:
             for number, body in enumerate(_parts(views, self.config.part_size), start=1):
                 if number > MAX_PARTS:
                     raise PayloadTooLargeError(f"object exceeds {MAX_PARTS} multipart parts "
                                                f"(S3's limit)", backend="s3", op="put", key=key)
                 size += sum(len(v) for v in body)
-                gate.acquire()  # bounds memory: at most max_concurrency parts in flight
-                if failed:
-                    gate.release()
-                    break
-                fut = self.pool.submit(self._upload_part, k, key, upload_id, number, body)
-                fut.add_done_callback(done)
-                futures.append(fut)
-            if failed:
-                raise failed[0]
-            parts = [{"PartNumber": n, "ETag": f.result()} for n, f in enumerate(futures, start=1)]
+                gate.submit(self._upload_part, k, key, upload_id, number, body)
+            parts = [{"PartNumber": n, "ETag": etag}
+                     for n, etag in enumerate(gate.results(), start=1)]
             self._complete(k, key, upload_id, parts, create)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            wait(futures)
-            self._abort(k, key, upload_id)
-            raise
         return size
 
     def _upload_part(self, k, key, upload_id, number, views: list) -> str:
@@ -477,9 +380,7 @@ class S3Adapter(BlobAdapter):
             for f in futures:
                 f.result()
         except BaseException as exc:
-            for f in futures:
-                f.cancel()
-            wait(futures)
+            _aws.cancel_all(futures)
             body.close()
             if isinstance(exc, PreconditionError) and not pinned:
                 raise TransientError("object was replaced while it was read; read it again",
