@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .errors import ConfigError, ExchangeError, SchemaMismatchError, StoreError
+from .errors import ConfigError, ExchangeError, ExchangeTimeoutError, SchemaMismatchError, StoreError
 
 #: Seconds a collective waits for the other ranks (per call) unless told otherwise.
 DEFAULT_TIMEOUT = float(os.environ.get("CYLON_STORE_TIMEOUT", "120"))
@@ -338,3 +338,19 @@ def resolve_world(rank: Optional[int], world_size: Optional[int], timeout: Optio
     if rank is not None and (not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size):
         raise ConfigError(f"rank must be in [0, {world_size}), got {rank!r}")
     return (None if rank is None else int(rank)), int(world_size)
+
+
+# -- failures of a run ---------------------------------------------------------------------------
+
+def first_cause(errors: dict) -> int:
+    """The rank whose error caused the others: a rank's own error first; then a timeout that
+    names a rank which did not fail itself (the root of a chain of waits: rank 0 waiting on
+    rank 3 that waited on rank 4 names 3, but rank 3's error names the cause, 4); then any
+    other timeout; last a wait cancelled because a sibling had failed."""
+    def priority(rank):
+        exc = errors[rank]
+        if isinstance(exc, ExchangeTimeoutError):
+            missing = getattr(exc, "missing", None) or []
+            return 1 if any(m not in errors for m in missing) else 2
+        return 3 if isinstance(exc, ExchangeError) else 0
+    return min(errors, key=lambda r: (priority(r), r))

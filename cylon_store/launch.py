@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import cloudpickle
 
+from .collective import first_cause
 from .errors import ConfigError, RankFailedError
 from .keys import validate_job
 
@@ -157,28 +158,12 @@ def _launch_threads(fn, world_size, url, args, job, timeout, comm_timeout, excha
             raise RankFailedError(f"launch of job {job!r} timed out after {timeout:g}s; ranks "
                                   f"{alive} still running", rank=alive[0])
         if errors:
-            rank = _first_cause(errors)
+            rank = first_cause(errors)
             raise RankFailedError(f"rank {rank} of job {job!r} raised {errors[rank]!r}", rank=rank,
                                   remote_traceback=tbs[rank]) from errors[rank]
         return results
     finally:
         store.close()
-
-
-def _first_cause(errors: dict) -> int:
-    """The rank whose error caused the others: a rank's own error first; then a timeout that
-    names a rank which did not fail itself (the root of a chain of waits: rank 0 waiting on
-    rank 3 that waited on rank 4 names 3, but rank 3's error names the cause, 4); then any
-    other timeout; last a wait cancelled because a sibling had failed."""
-    from .errors import ExchangeError, ExchangeTimeoutError
-
-    def priority(rank):
-        exc = errors[rank]
-        if isinstance(exc, ExchangeTimeoutError):
-            missing = getattr(exc, "missing", None) or []
-            return 1 if any(m not in errors for m in missing) else 2
-        return 3 if isinstance(exc, ExchangeError) else 0
-    return min(errors, key=lambda r: (priority(r), r))
 
 
 # -- processes: local and mpirun -------------------------------------------------------------
@@ -338,7 +323,7 @@ def _raise_rank_error(workdir, ranks, job, exit_code=None):
     if errors:
         # Prefer the rank whose error is the cause, not a timeout it provoked elsewhere.
         causes = {r: e["exception"] for r, e in errors.items() if e.get("exception") is not None}
-        rank = _first_cause(causes) if causes else min(errors)
+        rank = first_cause(causes) if causes else min(errors)
         info = errors[rank]
         exc = info.get("exception")
         raise RankFailedError(f"rank {rank} of job {job!r} raised {info['summary']}", rank=rank,

@@ -157,3 +157,54 @@ def test_cli_clean_dry_run(tmp_path, capsys):
         assert cs.launch(lambda comm: comm.rank, 2, store=store.url, launcher="threads", job="j1") == [0, 1]
     assert cli_main(["clean", f"file://{tmp_path}", "--job", "j1", "--dry-run"]) == 0
     assert "would delete" in capsys.readouterr().out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package modules it imports (top level and inside
+    functions alike: a lazy import still ties the two modules together)."""
+    mods: dict[str, tuple[Path, bool]] = {}
+    for folder, package in PACKAGE_DIRS.items():
+        base = ROOT / package
+        for path in base.rglob("*.py"):
+            rel = path.relative_to(base)
+            if package == "cylon_store" and rel.parts[0] in ("kernel", "adapters", "bench"):
+                continue
+            parts = [folder, *rel.parts[:-1]] + ([] if path.name == "__init__.py" else [path.stem])
+            mods[".".join(parts)] = (path, path.name == "__init__.py")
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_init) in mods.items():
+        here = name if is_init else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                base_parts = here.split(".")[:len(here.split(".")) - (node.level - 1)] if node.level else []
+                module = ".".join(base_parts + ([node.module] if node.module else []))
+                subs = [f"{module}.{a.name}" for a in node.names if f"{module}.{a.name}" in mods]
+                targets = subs or [module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps.update(t for t in targets if t in mods and t != name)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_graph()
+    assert "cylon_store.store_comm" in graph and "cylon_store.kernel.sort" in graph
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

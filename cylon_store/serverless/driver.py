@@ -23,6 +23,7 @@ import cloudpickle
 import msgpack
 
 from .. import keys as K
+from ..collective import first_cause
 from ..errors import (ConfigError, ExchangeError, NotFoundError,
                       RankFailedError, StoreError, ThrottledError, TransientError)
 from .rank import EVENT_VERSION
@@ -305,10 +306,9 @@ def _priority(record: dict) -> int:
 
 
 def _raise_first_cause(state: LambdaRun, errors: dict, function_timeout: float) -> None:
-    """The rank whose own error caused the others' (the launchers' rule, ``launch._first_cause``)."""
-    from ..launch import _first_cause
+    """The rank whose own error caused the others' (the launchers' rule, ``collective.first_cause``)."""
     causes = {r: rec["exception"] for r, rec in errors.items() if rec.get("exception") is not None}
-    rank = _first_cause(causes) if causes else min(errors)
+    rank = first_cause(causes) if causes else min(errors)
     info = errors[rank]
     raise RankFailedError(f"rank {rank} of job {state.job!r} raised {info['summary']}", rank=rank,
                           remote_traceback=info["traceback"]) from info.get("exception")
