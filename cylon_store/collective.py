@@ -245,11 +245,17 @@ class Communicator(abc.ABC):
         except StoreError as exc:
             self._failed = exc
             raise
-        except BaseException as exc:
+        except Exception as exc:
             err = ExchangeError(f"{what} {seq} failed on rank {self.rank}: {exc!r}", seq=seq,
                                 backend=self.scheme)
             self._failed = err
             raise err from exc
+        except BaseException as exc:
+            # Ctrl-C, SystemExit: the run is over on this rank (the failure sticks, so the
+            # context manager aborts and cleans up), but they propagate as themselves.
+            self._failed = ExchangeError(f"{what} {seq} interrupted on rank {self.rank}: "
+                                         f"{type(exc).__name__}", seq=seq, backend=self.scheme)
+            raise
 
     def _check_root(self, root: int, what: str) -> None:
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.world_size:

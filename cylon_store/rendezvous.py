@@ -42,7 +42,7 @@ class StoreRendezvous:
         raise RendezvousError(
             f"job {job!r} is full: all {world_size} rank slots are taken. Another run of this job "
             f"is active, or an earlier one did not close; remove its keys with `cylon-store clean "
-            f"{store.url} --job {job}` or use a new job id", backend=store.scheme)
+            f"{store.safe_url} --job {job}` or use a new job id", backend=store.scheme)
 
 
 class CounterRendezvous:
@@ -60,7 +60,7 @@ class CounterRendezvous:
         if rank >= world_size:
             raise RendezvousError(
                 f"job {job!r}: rank counter reached {rank + 1} for a world of {world_size}; an "
-                f"earlier run did not close (clean with `cylon-store clean {store.url} --job "
+                f"earlier run did not close (clean with `cylon-store clean {store.safe_url} --job "
                 f"{job}`) or more processes joined than world_size", backend=store.scheme)
         create_hello(store, job, rank, hello_for(rank))
         return rank
@@ -72,7 +72,7 @@ def create_hello(store: Store, job: str, rank: int, hello: bytes) -> None:
     except AlreadyExistsError as exc:
         raise RendezvousError(
             f"rank {rank} of job {job!r} is already taken: another run of this job is active, or "
-            f"an earlier one did not close (remove its keys with `cylon-store clean {store.url} "
+            f"an earlier one did not close (remove its keys with `cylon-store clean {store.safe_url} "
             f"--job {job}`, or use a new job id)", backend=store.scheme) from exc
 
 
@@ -134,7 +134,7 @@ def handshake(store: Store, job: str, rank: Optional[int], world_size: int, rend
             store.delete_many([K.hello_key(job, rank)])
             raise ExchangeTimeoutError(f"rendezvous of job {job!r}: rank {rank} timed out after "
                                        f"{timeout:g}s waiting for rank(s) {missing} to join "
-                                       f"(store {store.url})", missing=missing, backend=store.scheme)
+                                       f"(store {store.safe_url})", missing=missing, backend=store.scheme)
         time.sleep(next(delays))
     token = members[0]["nonce"]
     return rank, token, [members[r] for r in range(world_size)], used_counter

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from . import codec, retry
 from .adapters.base import BlobAdapter, ObjectMeta, PutMode, Stats
-from .config import StoreOptions, build_options, option_names, split_url
+from .config import StoreOptions, build_options, option_names, redact_url, split_url
 from .errors import ConfigError, InvalidKeyError, NotFoundError, NotSupportedError, StoreError
 from .registry import adapter_class, option_classes_of_other_schemes
 
@@ -140,8 +140,14 @@ class Store:
         if a is not None:
             a.close()
 
+    @property
+    def safe_url(self) -> str:
+        """The store's URL with any password or secret option masked: the form every message,
+        repr and log line uses (``url`` keeps the credentials a reopen needs)."""
+        return redact_url(self.url)
+
     def __repr__(self):
-        return f"Store({self.adapter.describe() if self._adapter else self.url!r})"
+        return f"Store({redact_url(self.adapter.describe()) if self._adapter else self.safe_url!r})"
 
     def _where(self, op: str, key: Optional[str]):
         return lambda: {"backend": self.scheme, "op": op, "key": key}

@@ -158,7 +158,7 @@ class StoreCommunicator(Communicator):
                 missing = sorted(pending)
                 raise ExchangeTimeoutError(
                     f"{what} {seq} of job {self.job!r}: rank {self.rank} timed out after "
-                    f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.url})",
+                    f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.safe_url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
             if self._notify:
                 got: object = self.store.wait(self._inbox, min(remaining, 0.25))

@@ -495,3 +495,20 @@ def test_rank_process_exits_when_its_launcher_dies(tmp_path):
         child.wait(timeout=5)   # raises psutil.TimeoutExpired if the orphan lingers
     finally:
         parent.kill()
+
+
+def test_ctrl_c_propagates_and_cleans_up(store_url, store):
+    """KeyboardInterrupt inside a collective is not turned into an ExchangeError: it propagates
+    as itself, the failure sticks, and leaving the context manager removes what the rank wrote."""
+    with pytest.raises(KeyboardInterrupt):
+        with cs.connect(store_url, job="ctrl-c", rank=0, world_size=1) as comm:
+            comm.allgather(pa.table({"a": [1]}))
+
+            def interrupted(seq):
+                raise KeyboardInterrupt
+            comm._barrier_impl = interrupted
+            comm.barrier()
+    assert "interrupted" in str(comm._failed)   # the failure stuck: the exit aborted, not closed
+    with pytest.raises(cs.ExchangeError, match="closed"):
+        comm.allgather(pa.table({"a": [1]}))
+    assert_empty(store)

@@ -381,6 +381,22 @@ def test_auth(private):
             store.put("k", table(10, 1))
 
 
+def test_no_secret_in_errors_or_repr(private):
+    """The password of a redis:// URL never appears in a timeout or rendezvous error, nor in a
+    store's repr (open or closed) — seen before: '(store redis://default:s3cret@...)'."""
+    srv = private(password="s3cret")
+    url = f"redis://default:s3cret@127.0.0.1:{srv.port}/0?prefix=leak:"
+    with pytest.raises(cs.ExchangeTimeoutError) as info:
+        cs.connect(url, job="leak", rank=0, world_size=2, timeout=0.5)
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+    store = cs.open_store(url)
+    store.put("k", table(10, 1))
+    assert "s3cret" not in repr(store) and "s3cret" not in store.safe_url
+    store.delete("k")
+    store.close()
+    assert "s3cret" not in repr(store)
+
+
 def test_tls(private, tmp_path):
     cert, key = make_tls_cert(tmp_path)
     srv = private(tls=(cert, key))
