@@ -113,6 +113,14 @@ _TABLE_RE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
 TABLE_ACTIVE_TIMEOUT = 300.0
 
 
+class _CommitUnknown(Exception):
+    """A commit whose outcome could not be learned (its reply and the check both failed)."""
+
+    def __init__(self, error: StoreError):
+        super().__init__(str(error))
+        self.error = error
+
+
 def request_cost_usd(stats: dict) -> float:
     """Dollar cost of the capacity units in a ``store.stats()`` snapshot (on-demand prices)."""
     return pricing.store_cost_usd("dynamodb", stats)
@@ -329,7 +337,10 @@ class DynamoDBAdapter(_aws.AwsAdapter):
             item = {**self._commit_key(key), "v": {"S": version}, "n": {"N": str(size)},
                     "c": {"N": "0"}, "s": {"N": str(chunk_size)}, "b": {"B": data},
                     **self._expiry()}
-            self._commit(client, key, item, version, create)
+            try:
+                self._commit(client, key, item, version, create)
+            except _CommitUnknown as unknown:  # an inline value has no chunks to keep or lose
+                raise unknown.error from unknown.error.__cause__
             return size
 
         def all_views():
@@ -359,9 +370,17 @@ class DynamoDBAdapter(_aws.AwsAdapter):
             if batch:
                 self._batch_put(key, batch)
             gate.results()
-            item = {**self._commit_key(key), "v": {"S": version}, "n": {"N": str(size)},
-                    "c": {"N": str(written)}, "s": {"N": str(chunk_size)}, **self._expiry()}
+        item = {**self._commit_key(key), "v": {"S": version}, "n": {"N": str(size)},
+                "c": {"N": str(written)}, "s": {"N": str(chunk_size)}, **self._expiry()}
+        try:
             self._commit(client, key, item, version, create)
+        except _CommitUnknown as unknown:
+            # The commit may have landed: its chunks stay (an orphan at worst, removed by the
+            # TTL or `cylon-store clean`; deleting them could lose a committed object).
+            raise unknown.error from unknown.error.__cause__
+        except BaseException:
+            self._delete_chunks_quietly(version, written, chunk_size)
+            raise
         return size
 
     def _commit(self, client, key, item, version, create: bool) -> None:
@@ -385,7 +404,7 @@ class DynamoDBAdapter(_aws.AwsAdapter):
             try:
                 current = self._get_commit(client, key, "put")
             except StoreError:
-                raise exc from exc.__cause__
+                raise _CommitUnknown(exc) from exc.__cause__
             if current is None or current["v"]["S"] != version:
                 raise
             self._write_units(new_size)

@@ -358,6 +358,31 @@ def test_uncertain_commit_is_resolved_by_reading_it_back(url):
         assert bytes(memoryview(store.get_bytes("k"))) == payload(2 * MiB)
 
 
+def test_uncertain_commit_whose_check_fails_keeps_the_chunks(url):
+    """The commit lands but its answer is lost, and the GetItem that would tell fails too: the
+    outcome is unknown, so the chunks must stay (deleting them would lose a committed object);
+    the put fails with a retryable error and the object reads back whole."""
+    with cs.open_store(url, retries=1) as store:
+        fired = []
+
+        def lose_reply(http_response=None, parsed=None, **_):
+            fired.append(1)
+            http_response.status_code = 500
+            parsed["Error"] = {"Code": "InternalServerError", "Message": "injected"}
+
+        events = store.adapter.client.meta.events
+        events.register("after-call.dynamodb.PutItem", lose_reply)
+        events.register("after-call.dynamodb.GetItem", lose_reply)
+        try:
+            with pytest.raises(cs.TransientError):
+                store.put_bytes("k", payload(2 * MiB))
+        finally:
+            events.unregister("after-call.dynamodb.PutItem", lose_reply)
+            events.unregister("after-call.dynamodb.GetItem", lose_reply)
+        assert fired
+        assert bytes(memoryview(store.get_bytes("k"))) == payload(2 * MiB)
+
+
 def test_units_follow_aws_rules(url):
     from cylon_store.adapters.dynamodb import request_cost_usd
     with cs.open_store(url) as store:
