@@ -421,9 +421,11 @@ class StoreCommunicator(Communicator):
 
     def _release(self, healthy: bool) -> None:
         try:
+            # Sends of a failed exchange may still be running: let them land (or fail) before
+            # the cleanup lists what to delete, so none lands after it; queued ones never start.
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._cleanup(healthy)
         finally:
-            self._pool.shutdown(wait=True)
             if self._own_store:
                 self.store.close()
 

@@ -512,3 +512,30 @@ def test_ctrl_c_propagates_and_cleans_up(store_url, store):
     with pytest.raises(cs.ExchangeError, match="closed"):
         comm.allgather(pa.table({"a": [1]}))
     assert_empty(store)
+
+
+def _rank_fails_while_a_send_is_slow(comm):
+    if comm.rank == 1:
+        raise ValueError("rank 1 fails before the exchange")
+    comm.exchange([pa.table({"a": [comm.rank]})] * comm.world_size)
+
+
+def test_abort_waits_for_its_sends_before_cleaning_up(monkeypatch):
+    """A send still in flight when the exchange fails lands before the rank's cleanup lists its
+    keys, so nothing is left behind (before: the cleanup ran first and the send landed after)."""
+    from cylon_store.adapters.memory import MemoryAdapter
+
+    slow_put = MemoryAdapter.put
+
+    def put(self, key, chunks, mode=cs.PutMode.OVERWRITE):
+        if "/r000001/" in key:
+            time.sleep(1.0)
+        return slow_put(self, key, chunks, mode)
+
+    monkeypatch.setattr(MemoryAdapter, "put", put)
+    with cs.open_store("memory://t-abort-drain") as store:
+        with pytest.raises(cs.RankFailedError, match="rank 1"):
+            cs.launch(_rank_fails_while_a_send_is_slow, 2, store=store.url, launcher="threads",
+                      comm_timeout=30)
+        time.sleep(1.5)
+        assert_empty(store)
