@@ -42,3 +42,34 @@ def seconds(hi: Optional[float] = None, at_least: Optional[float] = None) -> Cal
             raise argparse.ArgumentTypeError(f"must be {bound} seconds, got {text}")
         return value
     return parse
+
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """A positive duration: seconds, or a number with ``s``, ``m``, ``h`` or ``d`` (``90s``,
+    ``30m``, ``1.5h``)."""
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in "smhd" and t[-1:] else ""
+    try:
+        value = float(t[:-1] if unit else t) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 90, 90s, 30m, "
+                                         f"1h)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text}")
+    return value
+
+
+def size(text: str) -> int:
+    """A number of bytes: ``1048576``, ``512MiB``, ``2GiB``, ``1.5GB``."""
+    from .config import parse_size
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1048576, 512MiB, "
+                                         f"2GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size, got {text}")
+    return value

@@ -163,6 +163,13 @@ def main(argv=None) -> int:
     p.add_argument("--job", help="only this job (default: every cylon-store job key)")
     p.add_argument("--dry-run", action="store_true", help="list the keys, delete nothing")
     p.set_defaults(fn=clean)
+    from cylon_store import service
+    p = sub.add_parser("serve", help="run the shuffle service (Arrow Flight): flight:// stores",
+                       description=service.DESCRIPTION,
+                       epilog=service.SERVE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    service.add_arguments(p)
+    p.set_defaults(fn=lambda args, p=p: service.run(args, p))
     from cylon_store.serverless.cli import add_parser as add_lambda_parser
     add_lambda_parser(sub)
     args = parser.parse_args(argv)

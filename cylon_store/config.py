@@ -23,6 +23,7 @@ ENV_PREFIX = "CYLON_STORE_"
 RESERVED_ENV = frozenset({
     "RANK", "WORLD_SIZE", "JOB", "URL", "TIMEOUT", "RESULT_DIR", "PAYLOAD", "LAUNCH_ID",
     "RENDEZVOUS", "EXCHANGE", "TEST_FAST", "BENCH_QUICK",
+    "TOKEN",  # the shuffle service's token: read by flight:// and `cylon-store serve` themselves
 })
 #: Whole namespaces of such variables: the test suite and the benchmarks set their own knobs
 #: (``CYLON_STORE_TEST_BACKENDS``) in the environment every store of the process reads.

@@ -123,3 +123,6 @@ register("mpi", "cylon_store.transports.mpi:MpiStoreAdapter", extra="mpi",
          connect="cylon_store.transports.mpi:connect")
 register("ucx", "cylon_store.transports.ucx:UcxStoreAdapter", extra="ucx",
          connect="cylon_store.transports.ucx:connect")
+# The project's shuffle service (cylon-store serve): pyarrow.flight comes with pyarrow.
+register("flight", "cylon_store.adapters.flight:FlightAdapter")
+register("flight+tls", "cylon_store.adapters.flight:FlightAdapter")

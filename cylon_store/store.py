@@ -93,7 +93,9 @@ class Store:
         known = lambda: option_names(*option_classes_of_other_schemes(scheme))  # noqa: E731
         self.options, self.adapter_config = build_options(
             [StoreOptions, cls.Config], kwargs=options, query=query, known_env=known,
-            scheme=scheme, common=[StoreOptions])
+            # Environment namespace of the adapter (rediss:// reads CYLON_STORE_REDIS_*,
+            # flight+tls:// CYLON_STORE_FLIGHT_*).
+            scheme=getattr(cls, "scheme", "") or scheme, common=[StoreOptions])
         self._stats = Stats()
         self._adapter: Optional[BlobAdapter] = None
         self._lock = threading.Lock()
