@@ -75,6 +75,45 @@ class FlightConfig:
                               f"{self.message_size}")
 
 
+#: Chunks below this are joined (one small copy) into one message instead of one message each.
+_SMALL = 1 << 20
+
+
+def _pieces(chunks: Iterable[BufferLike], step: int):
+    """The payload as buffers of at most ``step`` bytes: big chunks sliced without copying,
+    runs of small ones (IPC metadata, small columns) joined up to ``_SMALL`` bytes."""
+    run: list = []
+    run_bytes = 0
+    for chunk in chunks:
+        buf = chunk if isinstance(chunk, pa.Buffer) else pa.py_buffer(chunk)
+        if buf.size < _SMALL:
+            run.append(buf)
+            run_bytes += buf.size
+            if run_bytes >= _SMALL:
+                yield _join(run)
+                run, run_bytes = [], 0
+            continue
+        if run:
+            yield _join(run)
+            run, run_bytes = [], 0
+        for at in range(0, buf.size, step):
+            yield buf.slice(at, min(step, buf.size - at))
+    if run:
+        yield _join(run)
+
+
+def _join(bufs: list) -> pa.Buffer:
+    if len(bufs) == 1:
+        return bufs[0]
+    out = pa.allocate_buffer(sum(b.size for b in bufs))
+    view = memoryview(out).cast("B")
+    pos = 0
+    for b in bufs:
+        view[pos:pos + b.size] = memoryview(b).cast("B")
+        pos += b.size
+    return out
+
+
 _CODES = {"NotFound": NotFoundError, "AlreadyExists": AlreadyExistsError,
           "Precondition": PreconditionError, "Invalid": ConfigError,
           "Full": PayloadTooLargeError, "ShuttingDown": TransientError}
@@ -192,13 +231,19 @@ class FlightAdapter(BlobAdapter):
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._error(exc, "put", key) from exc
         try:
-            for chunk in chunks:
-                buf = chunk if isinstance(chunk, pa.Buffer) else pa.py_buffer(chunk)
-                total += buf.size
-                for at in range(0, buf.size, step):
-                    writer.write_batch(data_batch(buf.slice(at, min(step, buf.size - at))))
-            # The commit: a stream that ends without it (the payload failed) stores nothing.
-            writer.write_metadata(pa.py_buffer(msgpack.packb({"n": total})))
+            last = None
+            for piece in _pieces(chunks, step):
+                total += piece.size
+                if last is not None:
+                    writer.write_batch(last)
+                last = data_batch(piece)
+            # The commit rides on the last batch: a stream that ends without it (the payload
+            # failed) stores nothing.
+            commit = pa.py_buffer(msgpack.packb({"n": total}))
+            if last is None:
+                writer.write_metadata(commit)
+            else:
+                writer.write_with_metadata(last, commit)
             writer.done_writing()
             reader.read()
             writer.close()

@@ -23,7 +23,7 @@ PATH="$venv/bin:$PATH" cylon-store demo
 
 step "every --help without optional extras"
 "$venv/bin/cylon-store" --help >/dev/null
-for cmd in demo clean lambda "lambda build" "lambda deploy" "lambda local"; do
+for cmd in demo clean serve lambda "lambda build" "lambda deploy" "lambda local"; do
     # shellcheck disable=SC2086  # "lambda build" is two words on purpose
     "$venv/bin/cylon-store" $cmd --help >/dev/null || { echo "cylon-store $cmd --help failed"; exit 1; }
 done
@@ -49,6 +49,20 @@ def count(comm):
 for launcher in ("local", "threads"):
     for store in ("memory://", "file://" + __import__("tempfile").mkdtemp()):
         assert cs.launch(count, 3, store=store, launcher=launcher, timeout=120) == [100] * 3
+
+# the shuffle service needs no extra: serve it, run the same job over flight://, stop it
+import os, signal, subprocess, sys
+env = dict(os.environ, CYLON_STORE_TOKEN="check-install")
+svc = subprocess.Popen([sys.executable, "-m", "cylon_store.cli", "serve"], stdout=subprocess.PIPE,
+                       text=True, env=env)
+try:
+    line = svc.stdout.readline().split()
+    assert line[:1] == ["serving"], line
+    os.environ["CYLON_STORE_TOKEN"] = "check-install"
+    assert cs.launch(count, 3, store=line[1], launcher="local", timeout=120) == [100] * 3
+finally:
+    svc.send_signal(signal.SIGTERM)
+    assert svc.wait(30) == 0
 print("cylon_store imported from", cs.__file__)
 PY
 "$py" "$script"
