@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import io
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
@@ -130,6 +131,8 @@ def assemble(what: str, seq: int, rank: int, world_size: int, own_schema: Option
         out.append(empty_like(ref_schema) if t is None else t)
     return out
 
+
+_log = logging.getLogger("cylon_store")
 
 class Communicator(abc.ABC):
     """What the kernel needs: rank, world size, all-to-all exchange and collectives.
@@ -278,7 +281,17 @@ class Communicator(abc.ABC):
             except BaseException as exc:  # still release, then report
                 first_error = exc
         self._closed = True
-        self._release(healthy=first_error is None and self._failed is None)
+        earlier = first_error or self._failed
+        try:
+            self._release(healthy=earlier is None)
+        except Exception as exc:
+            if earlier is None:
+                raise
+            # The error that ended the job is the one to report; the failed cleanup is logged
+            # (with what to run) instead of replacing it.
+            _log.warning("rank %s of job %r: cleanup after an error failed too (%s: %s); "
+                         "`cylon-store clean URL --job %s` removes what is left", self.rank,
+                         self.job, type(exc).__name__, exc, self.job)
         if first_error is not None:
             raise first_error
 

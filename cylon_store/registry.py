@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -107,7 +108,12 @@ def option_classes_of_other_schemes(scheme: str) -> list[type]:
             continue
         try:
             out.append(getattr(adapter_class(other), "Config"))
-        except Exception:  # missing extra: its options cannot be set anyway
+        except ConfigError:  # missing extra: its options cannot be set anyway
+            continue
+        except Exception as exc:  # a broken third-party adapter: say so, do not break others
+            warnings.warn(f"the adapter registered for {other}:// cannot be loaded "
+                          f"({type(exc).__name__}: {exc}); its options are not recognised in "
+                          f"the environment", RuntimeWarning, stacklevel=2)
             continue
     return out
 

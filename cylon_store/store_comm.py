@@ -12,6 +12,7 @@ request model of ``layout.py``.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
@@ -28,6 +29,8 @@ from .layout import (STRATEGIES, Grid, cheapest_strategy, combined_header,
                      parse_combined_header, parse_pieces, pieces_header, slot_range)
 from .retry import poll_delays
 from .store import MAX_KEY_BYTES, Store
+
+_log = logging.getLogger("cylon_store")
 
 #: Seconds a notified receiver waits on announcements alone before it LISTs once anyway.
 LIST_FALLBACK = 1.0
@@ -446,16 +449,22 @@ class StoreCommunicator(Communicator):
                 leftovers.append(key)
         leftovers.append(K.hello_key(self.job, self.rank))
         store.delete_many(sorted(set(leftovers)))
+        # Best effort, but never silent: what could not be removed is logged with the command
+        # that removes it (a TTL, where the backend has one, also reclaims it).
         if self._used_counter and self.rank == 0:
             try:
                 store.delete_counter(K.counter_key(self.job))
-            except StoreError:
-                pass
+            except StoreError as exc:
+                _log.warning("rank 0 of job %r could not delete its rendezvous counter (%s); "
+                             "remove it with `cylon-store clean %s --job %s`", self.job, exc,
+                             store.safe_url, self.job)
         if self._notify:
             try:
                 store.wait(self._inbox, 0)  # drain announcements left for us
-            except StoreError:
-                pass
+            except StoreError as exc:
+                _log.warning("rank %d of job %r could not drain its notification channel (%s); "
+                             "remove it with `cylon-store clean %s --job %s`", self.rank,
+                             self.job, exc, store.safe_url, self.job)
 
 
 def _seq_of(key: str) -> int:

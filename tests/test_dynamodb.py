@@ -260,21 +260,24 @@ def test_create_mode_and_race(url, raw, table_name):
         assert bytes(memoryview(store.get_bytes("c"))) == payload(1 * MiB, 1)
         assert kinds(raw, table_name) == {"m": 1, "d": math.ceil(MiB / D.CHUNK_SIZE)}
 
-        winners = []
+        outcome: dict = {}
 
         def creator(i):
             try:
                 store.put_bytes("race", f"rank{i}".encode() * 100_000, mode="create")
-                winners.append(i)
+                outcome[i] = "won"
             except cs.AlreadyExistsError:
-                pass
+                outcome[i] = "lost"
+            except BaseException as exc:  # any other error is a failure, shown below
+                outcome[i] = exc
 
         threads = [threading.Thread(target=creator, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert len(winners) == 1
+        assert sorted(map(str, outcome.values())) == ["lost"] * 5 + ["won"], outcome
+        winners = [i for i, o in outcome.items() if o == "won"]
         assert bytes(memoryview(store.get_bytes("race"))) == f"rank{winners[0]}".encode() * 100_000
         # the losers' chunks are gone: only those of "c" and of the winner remain
         assert kinds(raw, table_name)["d"] == (math.ceil(MiB / D.CHUNK_SIZE)
@@ -434,17 +437,21 @@ def test_atomic_counter_under_contention(url):
 
 
 def test_counter_rendezvous(url):
-    results = {}
+    results, errors = {}, []
 
     def rank():
-        with cs.connect(url, job="rdv", world_size=3, rendezvous="counter", timeout=60) as comm:
-            results[comm.rank] = comm.allreduce(comm.rank + 1)
+        try:
+            with cs.connect(url, job="rdv", world_size=3, rendezvous="counter", timeout=60) as comm:
+                results[comm.rank] = comm.allreduce(comm.rank + 1)
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
 
     threads = [threading.Thread(target=rank) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
     assert results == {0: 6, 1: 6, 2: 6}
 
 

@@ -195,22 +195,25 @@ def test_multipart_create_if_absent(url, raw):
 
 def test_concurrent_creators_exactly_one_wins(url):
     with cs.open_store(url) as store:
-        results = []
+        outcome: dict = {}
 
         def creator(i):
             try:
                 store.put_bytes("race", f"rank{i}".encode(), mode="create")
-                results.append(i)
+                outcome[i] = "won"
             except cs.AlreadyExistsError:
-                pass
+                outcome[i] = "lost"
+            except BaseException as exc:  # any other error is a failure, shown below
+                outcome[i] = exc
 
         threads = [threading.Thread(target=creator, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert len(results) == 1
-        assert bytes(memoryview(store.get_bytes("race"))) == f"rank{results[0]}".encode()
+        assert sorted(map(str, outcome.values())) == ["lost"] * 7 + ["won"], outcome
+        winner = next(i for i, o in outcome.items() if o == "won")
+        assert bytes(memoryview(store.get_bytes("race"))) == f"rank{winner}".encode()
 
 
 def test_part_growth_reaches_the_object_limit():
