@@ -166,9 +166,13 @@ class DynamoDBAdapter(_aws.AwsAdapter):
     scheme = "dynamodb"
     service = "dynamodb"
     thread_name_prefix = "cylon-ddb"
-    #: ``_call`` retries idempotent calls itself unless a caller says otherwise ("safe" for
-    #: the commit and the counter, "none" inside the batch loops that retry on their own).
-    default_retry = "all"
+    #: One retry layer per call: the facade retries the idempotent operations (get, head,
+    #: delete, list, delete_counter) as a whole, so their single-item calls are sent once here
+    #: (retrying them here too multiplied the attempts: 5 x 5).  The adapter retries only what
+    #: the facade cannot: the table set-up ("all", once per adapter), the commit and the counter
+    #: ("safe": only when surely not applied), the check of a commit whose outcome is unknown,
+    #: and the unprocessed items of its batch loops.
+    default_retry = "none"
     Config = DynamoDBConfig
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=DEFAULT_MAX_OBJECT_SIZE, notification=False,
@@ -230,7 +234,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
                 return
             created = False
             try:
-                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table))
+                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table),
+                                  retry="all")
             except ConfigError:  # ResourceNotFoundException
                 if not self.config.create_table:
                     raise ConfigError(
@@ -261,7 +266,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
             self._call("connect", None, lambda: client.create_table(
                 TableName=self.table, KeySchema=KEY_SCHEMA, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": PK, "AttributeType": "S"},
-                                      {"AttributeName": SK, "AttributeType": "S"}]))
+                                      {"AttributeName": SK, "AttributeType": "S"}]),
+                       retry="all")
         except StoreError as exc:
             # Another process is creating it at the same moment: wait for it like for ours.
             if _aws.error_code(exc.__cause__)[0] != "ResourceInUseException":
@@ -273,7 +279,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
         delays = poll_delays(first=0.05, cap=2.0)
         while True:
             try:
-                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table))
+                desc = self._call("connect", None, lambda: client.describe_table(TableName=self.table),
+                                  retry="all")
                 if desc["Table"].get("TableStatus") == "ACTIVE":
                     return desc
             except ConfigError:  # not visible yet right after CreateTable
@@ -286,7 +293,7 @@ class DynamoDBAdapter(_aws.AwsAdapter):
     def _ensure_ttl(self, client, created: bool) -> None:
         if not created:
             desc = self._call("connect", None, lambda: client.describe_time_to_live(
-                TableName=self.table)).get("TimeToLiveDescription", {})
+                TableName=self.table), retry="all").get("TimeToLiveDescription", {})
             status = desc.get("TimeToLiveStatus")
             if status in ("ENABLED", "ENABLING"):
                 if desc.get("AttributeName") != TTL_ATTRIBUTE:
@@ -298,7 +305,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
         try:
             self._call("connect", None, lambda: client.update_time_to_live(
                 TableName=self.table,
-                TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}))
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}),
+                retry="all")
         except StoreError as exc:
             # ValidationException: TTL is already being enabled by another process.
             if _aws.error_code(exc.__cause__)[0] != "ValidationException":
@@ -402,7 +410,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
                 raise
             # Unknown outcome (connection lost): the commit item says whether ours landed.
             try:
-                current = self._get_commit(client, key, "put")
+                # Retried here: nothing above this put retries a create or a stream.
+                current = self._get_commit(client, key, "put", retry="all")
             except StoreError:
                 raise _CommitUnknown(exc) from exc.__cause__
             if current is None or current["v"]["S"] != version:
@@ -476,9 +485,9 @@ class DynamoDBAdapter(_aws.AwsAdapter):
                         "set ttl=... so that DynamoDB removes such leftovers")
 
     # -- get ----------------------------------------------------------------------------
-    def _get_commit(self, client, key: str, op: str) -> Optional[dict]:
+    def _get_commit(self, client, key: str, op: str, retry: str = "none") -> Optional[dict]:
         resp = self._call(op, key, lambda: client.get_item(
-            TableName=self.table, Key=self._commit_key(key), ConsistentRead=True))
+            TableName=self.table, Key=self._commit_key(key), ConsistentRead=True), retry=retry)
         item = resp.get("Item")
         self._read_units(_item_size(item) if item else 1)
         return item

@@ -386,6 +386,32 @@ def test_uncertain_commit_whose_check_fails_keeps_the_chunks(url):
         assert bytes(memoryview(store.get_bytes("k"))) == payload(2 * MiB)
 
 
+def test_single_item_calls_are_retried_by_one_layer(url):
+    """A read that keeps failing is attempted ``retries`` times in all: the facade retries it,
+    the adapter does not retry it again underneath (that multiplied the attempts, 5 x 5)."""
+    with cs.open_store(url, retries=3, retry_base=0.001, retry_cap=0.01) as store:
+        store.put_bytes("k", b"v")
+        sent = []
+
+        def fail(http_response=None, parsed=None, **_):
+            sent.append(1)
+            http_response.status_code = 500
+            parsed["Error"] = {"Code": "InternalServerError", "Message": "injected"}
+
+        events = store.adapter.client.meta.events
+        events.register("after-call.dynamodb.GetItem", fail)
+        try:
+            with pytest.raises(cs.TransientError):
+                store.get_bytes("k")
+            assert len(sent) == 3
+            sent.clear()
+            with pytest.raises(cs.TransientError):
+                store.head("k")
+            assert len(sent) == 3
+        finally:
+            events.unregister("after-call.dynamodb.GetItem", fail)
+
+
 def test_units_follow_aws_rules(url):
     from cylon_store.adapters.dynamodb import request_cost_usd
     with cs.open_store(url) as store:
