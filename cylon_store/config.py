@@ -135,16 +135,16 @@ _SECRET_WORDS = ("password", "passwd", "token", "secret", "key", "credential", "
 def split_url(url: str) -> tuple[str, str, dict[str, str]]:
     """``scheme://location?query`` -> (scheme, location without query, query dict)."""
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"not a store URL: {url!r} (expected scheme://..., e.g. memory:// or "
+        raise ConfigError(f"not a store URL: {redact_url(url)!r} (expected scheme://..., e.g. memory:// or "
                           f"file:///mnt/efs/shuffle)")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if not scheme:
-        raise ConfigError(f"store URL {url!r} has no scheme")
+        raise ConfigError(f"store URL {redact_url(url)!r} has no scheme")
     query: dict[str, str] = {}
     for k, v in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
         if k in query:
-            raise ConfigError(f"option {k!r} given twice in URL {url!r}")
+            raise ConfigError(f"option {k!r} given twice in URL {redact_url(url)!r}")
         query[k] = v
     location = url.split("?", 1)[0]
     return scheme, location, query

@@ -77,3 +77,38 @@ def test_failed_cleanup_after_an_error_does_not_replace_it(scheme, caplog):
     _Switch.FAIL.clear()
     assert any("cleanup after an error failed" in r.getMessage() and "listing refused" in
                r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+SECRET = "S3cr3tValue42"
+
+
+@pytest.mark.parametrize("url", [
+    f"redis://default:{SECRET}@127.0.0.1:1/0?retries=1&retries=2",     # option given twice
+    f"mpi://somewhere?token={SECRET}",                                    # mpi takes no location
+    f"ucx://?rendezvous=redis://u:{SECRET}@",                             # bad rendezvous
+    f"ucx://?token={SECRET}",                                             # ucx opened as a store
+    f"flight://u:{SECRET}@127.0.0.1:1",                                   # credentials in the host
+    f"redis://default:{SECRET}@127.0.0.1:1/0?retries=1&socket_timeout=1",  # unreachable
+    f"flight://127.0.0.1:1?token={SECRET}&retries=1&call_timeout=2",     # unreachable
+])
+def test_no_secret_in_any_error_or_log(url, caplog, capfd):
+    """No password or token from a URL appears in an error, a repr, a log line or the output,
+    whatever fails: parsing, a transport opened as a store, an unreachable server."""
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(Exception) as info:
+            with cs.open_store(url) as store:
+                repr(store)
+                store.put_bytes("k", b"v")
+        try:
+            cs.connect(url, job="j", rank=0, world_size=1, timeout=2)
+        except Exception as exc:
+            connect_error = exc
+        else:  # pragma: no cover - every URL above fails
+            connect_error = None
+    texts = [str(info.value), repr(info.value), str(connect_error), repr(connect_error),
+             *(r.getMessage() for r in caplog.records), *capfd.readouterr()]
+    chain = info.value
+    while chain is not None:
+        texts.append(str(chain))
+        chain = chain.__cause__ or chain.__context__
+    assert not [t for t in texts if SECRET in t], [t for t in texts if SECRET in t]

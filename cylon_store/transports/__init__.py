@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..collective import Communicator, assemble, empty_like
+from ..config import redact_url
 from ..errors import ConfigError, ExchangeTimeoutError, NotSupportedError
 
 #: Received streams start on this boundary, so Arrow buffers decode zero-copy and aligned.
@@ -237,6 +238,6 @@ class DirectTransportAdapter:
         scheme = url.split("://", 1)[0]
         raise NotSupportedError(
             f"{scheme}:// is a direct transport between running ranks and stores nothing, so it "
-            f"has no put/get: use cs.connect({url!r}, job=...) for exchange and collectives, and "
+            f"has no put/get: use cs.connect({redact_url(url)!r}, job=...) for exchange and collectives, and "
             f"a blob store (file:// on a shared filesystem, redis://, s3://, memory://) for "
             f"put/get", backend=scheme)

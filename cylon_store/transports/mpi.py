@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from ..collective import DEFAULT_TIMEOUT, REDUCE_OPS
-from ..config import Size, StoreOptions, build_options, option_names, split_url
+from ..config import Size, StoreOptions, build_options, option_names, redact_url, split_url
 from ..errors import ConfigError, ExchangeError, ExchangeTimeoutError, RendezvousError
 from ..registry import option_classes_of_other_schemes
 from . import (ALIGN, MAX_MESSAGE, DirectCommunicator, DirectTransportAdapter, align, decode,
@@ -79,7 +79,7 @@ def _import_mpi():
 def _options(url: str, options: dict) -> MpiOptions:
     scheme, location, query = split_url(url)
     if location.split("://", 1)[1].strip("/") not in ("", "world"):
-        raise ConfigError(f"mpi:// takes no location (ranks come from MPI), got {url!r}")
+        raise ConfigError(f"mpi:// takes no location (ranks come from MPI), got {redact_url(url)!r}")
     def known():  # flat (deprecated) option names of the other backends, from the registry
         return option_names(StoreOptions, *option_classes_of_other_schemes("mpi"))
 

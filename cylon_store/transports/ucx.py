@@ -35,7 +35,7 @@ import pyarrow as pa
 from .. import keys as K
 from ..collective import DEFAULT_TIMEOUT, resolve_world
 from ..rendezvous import handshake
-from ..config import Size, StoreOptions, build_options, option_names, split_url
+from ..config import Size, StoreOptions, build_options, option_names, redact_url, split_url
 from ..errors import ConfigError, ExchangeError, StoreError
 from ..registry import option_classes_of_other_schemes
 from ..store import Store, open_store
@@ -114,7 +114,7 @@ def _options(url: str, options: dict) -> UcxOptions:
     scheme, location, query = split_url(url)
     if location.split("://", 1)[1].strip("/"):
         raise ConfigError(f"ucx:// takes no location, only options (e.g. "
-                          f"ucx://?rendezvous=redis://host:6379), got {url!r}")
+                          f"ucx://?rendezvous=redis://host:6379), got {redact_url(url)!r}")
     def known():  # flat (deprecated) option names of the other backends, from the registry
         return option_names(StoreOptions, *option_classes_of_other_schemes("ucx"))
 
