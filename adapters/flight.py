@@ -81,7 +81,8 @@ _SMALL = 1 << 20
 
 def _pieces(chunks: Iterable[BufferLike], step: int):
     """The payload as buffers of at most ``step`` bytes: big chunks sliced without copying,
-    runs of small ones (IPC metadata, small columns) joined up to ``_SMALL`` bytes."""
+    runs of small ones (IPC metadata, small columns, the footer) joined up to ``step`` bytes,
+    so that a small object is one message and is stored, and read back, as one buffer."""
     run: list = []
     run_bytes = 0
     for chunk in chunks:
@@ -89,7 +90,7 @@ def _pieces(chunks: Iterable[BufferLike], step: int):
         if buf.size < _SMALL:
             run.append(buf)
             run_bytes += buf.size
-            if run_bytes >= _SMALL:
+            if run_bytes >= step:
                 yield _join(run)
                 run, run_bytes = [], 0
             continue

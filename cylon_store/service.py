@@ -51,6 +51,7 @@ import errno
 import hmac
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -62,6 +63,7 @@ import msgpack
 import pyarrow as pa
 import pyarrow.flight as flight
 
+_TWO_OFFSETS = struct.Struct("<qq")
 #: The one column of every data batch.
 SCHEMA = pa.schema([pa.field("data", pa.large_binary(), nullable=False)])
 #: Largest value the service sends in one batch (stored buffers are sliced to it).
@@ -76,11 +78,16 @@ def data_batch(buf: pa.Buffer) -> pa.RecordBatch:
 
 
 def batch_value(batch: pa.RecordBatch) -> pa.Buffer:
-    """The bytes of the one value of a data batch (zero-copy)."""
+    """The bytes of the one value of a data batch: a slice of the batch's data buffer, no copy
+    (``col[0].as_buffer()`` would copy the value into a new scalar)."""
     col = batch.column(0)
     if batch.num_rows != 1 or col.null_count:
         raise ValueError(f"a data batch holds exactly one non-null value, got {batch.num_rows} rows")
-    return col[0].as_buffer()
+    offsets, data = col.buffers()[1], col.buffers()[2]
+    start, end = _TWO_OFFSETS.unpack_from(memoryview(offsets), 8 * col.offset)
+    if not 0 <= start <= end <= (data.size if data is not None else 0):
+        raise ValueError(f"a data batch's offsets [{start}, {end}) are outside its data")
+    return data.slice(start, end - start) if data is not None else pa.py_buffer(b"")
 
 
 def group_of(key: str) -> str:
