@@ -46,6 +46,7 @@ from cylon_store.errors import (AlreadyExistsError, ConfigError, NotFoundError,
                                 StoreError, TransientError)
 from cylon_store.service import SCHEMA, batch_value, data_batch
 
+from ._retry import counting_retries
 from .base import BlobAdapter, BufferLike, Capabilities, ObjectMeta, PutMode
 
 #: Environment variable holding the token when the URL and keywords do not.
@@ -131,7 +132,10 @@ class FlightAdapter(BlobAdapter):
         super().__init__(location, config, stats, options)
         scheme, _, rest = location.partition("://")
         self.url_scheme = scheme   # flight or flight+tls
-        hostport = rest.split("/", 1)[0]
+        hostport, _, path = rest.partition("/")
+        if path.strip("/"):
+            raise ConfigError(f"flight:// takes no path (got /{path}); to keep keys apart use "
+                              f"?prefix={path.strip('/')}/", backend=scheme)
         if "@" in hostport:
             raise ConfigError("flight:// takes its token as ?token=... or CYLON_STORE_TOKEN, not "
                               "in the host part", backend=scheme)
@@ -149,6 +153,7 @@ class FlightAdapter(BlobAdapter):
         self._client: Optional[flight.FlightClient] = None
         self._lock = threading.Lock()
         self._checked = False
+        self._retry = counting_retries(self)
 
     def describe(self) -> str:
         return f"{self.url_scheme}://{self._hostport}" + (f"?prefix={self.config.prefix}"
@@ -160,7 +165,11 @@ class FlightAdapter(BlobAdapter):
         if c is None:
             with self._lock:
                 if self._client is None:
-                    kw: dict = {}
+                    # gRPC waits at least 1 s before it reconnects a dropped channel by default,
+                    # longer than the store's retries wait: reconnect after 100 ms instead.
+                    kw: dict = {"generic_options": [("grpc.initial_reconnect_backoff_ms", 100),
+                                                    ("grpc.min_reconnect_backoff_ms", 100),
+                                                    ("grpc.max_reconnect_backoff_ms", 2000)]}
                     if self._tls:
                         if self.config.ca:
                             with open(self.config.ca, "rb") as f:
@@ -172,7 +181,7 @@ class FlightAdapter(BlobAdapter):
         if not self._checked:
             # One cheap call first: a wrong token or an unreachable service fails here with a
             # clear error, before any data is sent.
-            self._call("ping", {}, retry_ok=True)
+            self._retry.call(lambda: self._call("ping", {}))
             self._checked = True
         return c
 
@@ -203,7 +212,7 @@ class FlightAdapter(BlobAdapter):
         return TransientError(f"the stream from {self._hostport} broke: {exc}", **where)
 
     def _call(self, kind: str, body: dict, *, op: Optional[str] = None, key: Optional[str] = None,
-              extra_timeout: float = 0.0, retry_ok: bool = True) -> dict:
+              extra_timeout: float = 0.0) -> dict:
         self.stats.count(f"flight.{kind.upper()}")
         client = self._client if kind == "ping" else self._conn()
         assert client is not None
@@ -304,15 +313,20 @@ class FlightAdapter(BlobAdapter):
         n = len(self.config.prefix)
         return [ObjectMeta(k[n:], size, version) for k, size, version in r["items"]]
 
+    # notify and wait are retried here (the facade does not): safe to repeat, since receivers
+    # ignore a repeated announcement and LIST for one that a lost reply took.
     def notify(self, channel: str, message: bytes = b"") -> None:
-        self._call("notify", {"c": self._key(channel), "m": bytes(message)}, key=channel)
+        body = {"c": self._key(channel), "m": bytes(message)}
+        self._retry.call(lambda: self._call("notify", body, key=channel))
 
     def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
-        r = self._call("wait", {"c": self._key(channel), "t": max(0.0, timeout)}, key=channel,
-                       extra_timeout=max(0.0, timeout))
+        body = {"c": self._key(channel), "t": max(0.0, timeout)}
+        r = self._retry.call(lambda: self._call("wait", body, key=channel,
+                                                extra_timeout=max(0.0, timeout)))
         return list(r["m"])
 
     def incr(self, key: str) -> int:
+        # Sent once: a lost reply after the service counted would count twice on a retry.
         return int(self._call("incr", {"k": self._key(key)}, key=key)["n"])
 
     def delete_counter(self, key: str) -> None:

@@ -50,6 +50,7 @@ import dataclasses
 import errno
 import hmac
 import os
+import shutil
 import signal
 import struct
 import sys
@@ -199,7 +200,13 @@ class ShuffleServer(flight.FlightServerBase):
         self._bytes_in = 0
         self._bytes_out = 0
         self._started = time.time()
-        super().__init__(location, **kwargs)
+        self._abort_puts = False                 # set when shutdown's grace period is over
+        try:
+            super().__init__(location, **kwargs)
+        except BaseException:
+            if self._spill_root is not None:     # nothing of a service that never started
+                shutil.rmtree(self._spill_root, ignore_errors=True)
+            raise
         self.scheme = "flight+tls" if tls else "flight"
         self._reaper = threading.Thread(target=self._reap_loop, name="cylon-store-ttl", daemon=True)
         self._reaper.start()
@@ -259,6 +266,9 @@ class ShuffleServer(flight.FlightServerBase):
                     break
                 if committed is not None:
                     raise ServiceError("Invalid", "the put sent data after its commit")
+                if self._abort_puts:
+                    raise ServiceError("ShuttingDown", "the service shut down before the put "
+                                                       "finished (its grace period ended)")
                 if chunk.data is not None:
                     sink.add(batch_value(chunk.data))
                 if chunk.app_metadata is not None:
@@ -267,14 +277,16 @@ class ShuffleServer(flight.FlightServerBase):
                 # The client gave up (its payload failed, or it went away): nothing is stored.
                 raise ServiceError("Invalid", "the put ended without its commit; nothing stored")
             if committed != sink.received or (size is not None and size != sink.received):
-                raise ServiceError("Invalid", f"the put committed {committed} bytes but "
-                                              f"{sink.received} arrived")
+                declared = "" if size is None else f", {size} declared up front"
+                raise ServiceError("Invalid", f"the put committed {committed} bytes{declared}, "
+                                              f"but {sink.received} arrived")
             version = uuid.uuid4().hex
             with self._lock:
                 if mode == "create" and key in self._objects:
                     raise ServiceError("AlreadyExists", "key already exists (create-if-absent)")
-                if self._closing:
-                    raise ServiceError("ShuttingDown", "the service is shutting down")
+                if self._abort_puts:
+                    raise ServiceError("ShuttingDown", "the service shut down before the put "
+                                                       "finished (its grace period ended)")
                 obj = sink.publish(version, self._touch(key))
                 old = self._objects.get(key)
                 self._objects[key] = obj
@@ -293,9 +305,8 @@ class ShuffleServer(flight.FlightServerBase):
         if not self._spilling and self._mem_used + nbytes <= c.high * limit:
             self._mem_used += nbytes
             return True
-        if self._mem_used + nbytes > c.high * limit:
-            self._spilling = True
         if self._spill_root is not None:
+            self._spilling = True
             return False
         if self._mem_used + nbytes <= limit:
             # Without a spill directory the watermarks do not matter: memory up to the limit.
@@ -310,7 +321,12 @@ class ShuffleServer(flight.FlightServerBase):
     def do_get(self, context, ticket):
         self._refuse_if_closing()
         req = _unpack(ticket.ticket, "get ticket")
-        key, rng, version = req.get("k"), req.get("r"), req.get("v")
+        key, rng, version = _field(req, "k", str), req.get("r"), req.get("v")
+        if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and
+                                    all(isinstance(x, int) and x >= 0 for x in rng)):
+            raise ServiceError("Invalid", "a get's range is [start, end] of byte offsets >= 0")
+        if version is not None and not isinstance(version, str):
+            raise ServiceError("Invalid", "a get's version is a string")
         with self._lock:
             self._count("get")
             self._touch(key)
@@ -321,7 +337,7 @@ class ShuffleServer(flight.FlightServerBase):
             raise ServiceError("Precondition", "object changed since it was first read")
         start, end = 0, obj.size
         if rng is not None:
-            start, end = min(int(rng[0]), obj.size), min(int(rng[1]), obj.size)
+            start, end = min(rng[0], obj.size), min(rng[1], obj.size)
             start = min(start, end)
         if obj.buffers is not None:
             source = obj.buffers
@@ -358,11 +374,14 @@ class ShuffleServer(flight.FlightServerBase):
             self._count(kind)
         return [pa.py_buffer(msgpack.packb(handler(body)))]
 
+    # Every handler reads its fields with _field: a malformed body is "Invalid", never a
+    # traceback sent to the client.
+
     def _action_ping(self, body):
         return {"ok": True}
 
     def _action_head(self, body):
-        key = body["k"]
+        key = _field(body, "k", str)
         with self._lock:
             self._touch(key)
             obj = self._objects.get(key)
@@ -372,7 +391,7 @@ class ShuffleServer(flight.FlightServerBase):
 
     def _action_delete(self, body):
         with self._lock:
-            for key in body["keys"]:
+            for key in _keys(body):
                 self._touch(key)
                 obj = self._objects.pop(key, None)
                 if obj is not None:
@@ -381,6 +400,8 @@ class ShuffleServer(flight.FlightServerBase):
 
     def _action_list(self, body):
         prefix = body.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise ServiceError("Invalid", "a list's prefix is a string")
         with self._lock:
             if prefix:
                 self._touch(prefix)
@@ -388,7 +409,9 @@ class ShuffleServer(flight.FlightServerBase):
                               if k.startswith(prefix)]}
 
     def _action_notify(self, body):
-        channel, message = body["c"], body.get("m", b"")
+        channel, message = _field(body, "c", str), body.get("m", b"")
+        if not isinstance(message, bytes):
+            raise ServiceError("Invalid", "a notification's message is bytes")
         with self._lock:
             self._touch(channel)
             self._channels.setdefault(channel, []).append(message)
@@ -396,7 +419,9 @@ class ShuffleServer(flight.FlightServerBase):
         return {}
 
     def _action_wait(self, body):
-        channel, timeout = body["c"], float(body.get("t", 0))
+        channel, timeout = _field(body, "c", str), body.get("t", 0)
+        if not isinstance(timeout, (int, float)) or timeout != timeout:
+            raise ServiceError("Invalid", "a wait's timeout is a number of seconds")
         deadline = time.monotonic() + max(0.0, min(timeout, 3600.0))
         with self._lock:
             self._touch(channel)
@@ -410,7 +435,7 @@ class ShuffleServer(flight.FlightServerBase):
             return {"m": self._channels.pop(channel, [])}
 
     def _action_incr(self, body):
-        key = body["k"]
+        key = _field(body, "k", str)
         with self._lock:
             self._touch(key)
             value = self._counters.get(key, 0) + 1
@@ -419,7 +444,7 @@ class ShuffleServer(flight.FlightServerBase):
 
     def _action_delete_counter(self, body):
         with self._lock:
-            self._counters.pop(body["k"], None)
+            self._counters.pop(_field(body, "k", str), None)
         return {}
 
     def _action_stats(self, body):
@@ -481,16 +506,26 @@ class ShuffleServer(flight.FlightServerBase):
         if self._closing:
             raise ServiceError("ShuttingDown", "the service is shutting down")
 
-    def shutdown(self) -> None:
-        """Refuse new calls, wake waiters, let calls in flight finish, then stop and remove the
-        spill files."""
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Refuse new calls, wake waiters, let calls in flight finish (puts still streaming after
+        ``grace`` seconds are refused at their next message), then stop and remove the spill
+        files."""
         with self._lock:
             already = self._closing
             self._closing = True
             self._lock.notify_all()
         if already:
             return
-        super().shutdown()
+
+        def end_grace():
+            self._abort_puts = True
+        timer = threading.Timer(grace, end_grace)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().shutdown()
+        finally:
+            timer.cancel()
         with self._lock:
             for obj in self._objects.values():
                 if obj.path is not None:
@@ -498,7 +533,6 @@ class ShuffleServer(flight.FlightServerBase):
             self._objects.clear()
             self._mem_used = self._disk_used = 0
         if self._spill_root is not None:
-            import shutil
             shutil.rmtree(self._spill_root, ignore_errors=True)
 
 
@@ -625,6 +659,20 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _field(body: dict, name: str, kind: type):
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is str and not value):
+        raise ServiceError("Invalid", f"the request needs field {name!r} ({kind.__name__})")
+    return value
+
+
+def _keys(body: dict) -> list:
+    keys = body.get("keys")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise ServiceError("Invalid", "a delete needs 'keys', a list of strings")
+    return keys
+
+
 def _unpack(raw: bytes, what: str) -> dict:
     try:
         value = msgpack.unpackb(raw, raw=False)
@@ -676,6 +724,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes of objects held in memory (default 2GiB); e.g. 512MiB, 8GiB")
     p.add_argument("--spill-dir", help="directory (local disk or EFS) where writes go when "
                                        "memory is above its high watermark")
+    p.add_argument("--grace", type=duration, default=30.0,
+                   help="on SIGTERM, seconds that calls in flight get to finish (default 30)")
     p.add_argument("--ttl", type=duration, default=3600.0,
                    help="a job's objects expire after this long without a request (default 1h; "
                         "e.g. 90s, 30m, 2h)")
@@ -710,8 +760,11 @@ def _loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def serve(config: ServiceConfig, *, ready=None) -> int:
-    """Run the service until SIGTERM or SIGINT; prints ``serving URL`` once it accepts calls."""
+def serve(config: ServiceConfig, *, ready=None, grace: float = 30.0) -> int:
+    """Run the service until SIGTERM or SIGINT; prints ``serving URL`` once it accepts calls.
+    Calls in flight get ``grace`` seconds to finish; a call still running 10 s after that (a
+    client that stalls mid-put) is abandoned: the spill files are removed and the process exits
+    with 1."""
     server = ShuffleServer(config)
     stop = threading.Event()
 
@@ -727,9 +780,18 @@ def serve(config: ServiceConfig, *, ready=None) -> int:
             pass
         print("shutting down: finishing calls in flight", file=sys.stderr, flush=True)
     finally:
-        server.shutdown()
+        closer = threading.Thread(target=server.shutdown, args=(grace,), daemon=True)
+        closer.start()
+        closer.join(grace + 10.0)
         for s, h in previous.items():
             signal.signal(s, h)
+    if closer.is_alive():
+        if server._spill_root is not None:
+            shutil.rmtree(server._spill_root, ignore_errors=True)
+        print(f"shutting down: calls still running {grace + 10:g} s after the signal were "
+              f"abandoned", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)   # gRPC would wait for them forever while the interpreter exits
     return 0
 
 
@@ -748,7 +810,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return serve(config)
+        return serve(config, grace=args.grace)
     except (OSError, pa.ArrowException) as exc:
         print(f"cylon-store serve: cannot serve on {args.host}:{args.port}: {exc}",
               file=sys.stderr)
