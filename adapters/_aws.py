@@ -184,6 +184,11 @@ def map_error_code(code: str, status: int = 0, *, backend: str, op: str, key: Op
     return StoreError(f"request failed ({label})", **kw)
 
 
+class ConnectFailedError(TransientError):
+    """No connection to the endpoint was made: the request was surely not applied, so even a
+    non-idempotent call (a create, a counter) may be sent again."""
+
+
 def map_botocore_error(exc, *, backend: str, op: str, key: Optional[str]) -> StoreError:
     """Translate any exception raised by a boto3 call."""
     from botocore import exceptions as bex
@@ -203,6 +208,10 @@ def map_botocore_error(exc, *, backend: str, op: str, key: Optional[str]) -> Sto
         return ConfigError(f"AWS profile not found ({exc})", **kw)
     if isinstance(exc, bex.SSLError):
         return TransientError(f"TLS failure talking to the endpoint ({type(exc).__name__})", **kw)
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError)):
+        # No connection was made: the request surely did not reach the service.
+        return ConnectFailedError(f"could not connect to the endpoint ({type(exc).__name__})",
+                                  **kw)
     if isinstance(exc, (bex.HTTPClientError, bex.ConnectionError, bex.IncompleteReadError)):
         return TransientError(f"connection failure ({type(exc).__name__})", **kw)
     if isinstance(exc, bex.ParamValidationError):
@@ -340,7 +349,7 @@ class AwsAdapter(BlobAdapter):
     #: ``_call``'s retry mode when the caller names none (see ``_call``).
     default_retry: ClassVar[str] = "none"
     #: Retryable errors after which a request surely did not apply ("safe" retries them).
-    not_applied: ClassVar[tuple] = (ThrottledError,)
+    not_applied: ClassVar[tuple] = (ThrottledError, ConnectFailedError)
 
     def __init__(self, location: str, config: Any, stats,
                  options: Optional[StoreOptions] = None):
@@ -415,7 +424,10 @@ class AwsAdapter(BlobAdapter):
         if not is_sdk_error(exc):
             raise exc
         kw: dict[str, Any] = {"backend": self.service, "op": op, "key": key}
-        if hasattr(exc, "response"):
+        from botocore.exceptions import ClientError
+        # Only a ClientError carries the service's answer: connection errors have a
+        # ``response`` attribute too, set to None (mapping those by code made them final).
+        if isinstance(exc, ClientError):
             code, status = error_code(exc)
             err = self._map_code(code, status, kw, create=create, pinned=pinned)
         else:

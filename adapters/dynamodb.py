@@ -383,8 +383,9 @@ class DynamoDBAdapter(_aws.AwsAdapter):
         try:
             self._commit(client, key, item, version, create)
         except _CommitUnknown as unknown:
-            # The commit may have landed: its chunks stay (an orphan at worst, removed by the
-            # TTL or `cylon-store clean`; deleting them could lose a committed object).
+            # The commit may have landed: its chunks stay (deleting them could lose a
+            # committed object).  If it did not, they are orphans no listing finds: the
+            # table's TTL (option ttl=...) removes them; `cylon-store clean` cannot.
             raise unknown.error from unknown.error.__cause__
         except BaseException:
             self._delete_chunks_quietly(version, written, chunk_size)
@@ -603,12 +604,24 @@ class DynamoDBAdapter(_aws.AwsAdapter):
             self._write_units(_item_size(old) if old else 1)
             return old
 
+        removed, failed = [], []
         if len(keys) <= 1:
-            removed = [delete_one(k) for k in keys]
+            for k in keys:
+                try:
+                    removed.append(delete_one(k))
+                except StoreError as exc:
+                    failed.append(exc)
         else:
             futures = [self.pool.submit(delete_one, k) for k in keys]
             wait(futures)
-            removed = [f.result() for f in futures]
+            for f in futures:
+                try:
+                    removed.append(f.result())
+                except StoreError as exc:
+                    failed.append(exc)
+        # The chunks of every commit item that did go are deleted before any failure is
+        # raised: a retry of the whole call finds those items gone, and nothing could find
+        # their chunks afterwards (they are not under any listable key).
         reqs, sizes = [], []
         for old in removed:
             if old and int(old["c"]["N"]):
@@ -617,6 +630,8 @@ class DynamoDBAdapter(_aws.AwsAdapter):
                     reqs.append({"DeleteRequest": {"Key": self._chunk_key(version, i)}})
                     sizes.append(chunk)
         self._batch_write_all(reqs, sizes)
+        if failed:
+            raise failed[0]
 
     def list(self, prefix: str) -> list[ObjectMeta]:
         client = self.client

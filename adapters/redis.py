@@ -719,7 +719,10 @@ class RedisAdapter(BlobAdapter):
         held_len = 0
         sent = 0                      # chunks written
         size = 0
-        with self._session(rkey, "put", key) as s:
+        # The checkout of a connection (nothing sent yet) is retried here: the facade does not
+        # retry a create or a streamed put, and one dropped connection must not fail them.
+        pool = self._retry.call(lambda: self._checked_pool(rkey, "put", key), idempotent=True)
+        with self._session(rkey, "put", key, pool=pool) as s:
             try:
                 for piece in chunks:
                     view = _as_view(piece)

@@ -138,7 +138,7 @@ class S3Adapter(_aws.AwsAdapter):
     thread_name_prefix = "cylon-s3"
     #: The facade retries whole operations; ``_call`` retries only where asked.
     default_retry = "none"
-    not_applied = (ThrottledError, _ConditionalConflict)
+    not_applied = (ThrottledError, _aws.ConnectFailedError, _ConditionalConflict)
     Config = S3Config
     capabilities = Capabilities(conditional_create=True, byte_ranges=True,
                                 max_object_size=MAX_OBJECT_SIZE, notification=False,

@@ -9,6 +9,7 @@ direct transports). Every wait ends at the timeout naming the ranks that never j
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from .errors import (AlreadyExistsError, ConfigError, ExchangeError, ExchangeTim
                      NotFoundError, RendezvousError)
 from .retry import poll_delays
 from .store import Store
+
+_log = logging.getLogger("cylon_store")
 
 
 class StoreRendezvous:
@@ -106,6 +109,25 @@ def handshake(store: Store, job: str, rank: Optional[int], world_size: int, rend
         rank = rdv.claim(store, job, world_size, hello_for, deadline)
     else:
         create_hello(store, job, rank, msgpack.packb({**base, "rank": rank}))
+    try:
+        members = _gather_hellos(store, job, rank, world_size, deadline, timeout, cancel)
+    except BaseException:
+        # Whatever ended the rendezvous (a timeout, a cancel, a store error, Ctrl-C), this
+        # rank's hello record must not outlive it: a rerun of the job would find it taken.
+        try:
+            store.delete_many([K.hello_key(job, rank)])
+        except Exception as exc:  # the original error is the one to report
+            _log.warning("rank %d of job %r could not remove its hello record (%s); remove it "
+                         "with `cylon-store clean %s --job %s`", rank, job, exc, store.safe_url,
+                         job)
+        raise
+    token = members[0]["nonce"]
+    return rank, token, [members[r] for r in range(world_size)], used_counter
+
+
+def _gather_hellos(store: Store, job: str, rank: int, world_size: int, deadline: float,
+                   timeout: float, cancel) -> dict[int, dict]:
+    """Every rank's hello record, polled until all are there (or the deadline, or a cancel)."""
     members: dict[int, dict] = {}
     delays = poll_delays(cap=0.05)
     prefix = K.hello_prefix(job)
@@ -126,15 +148,12 @@ def handshake(store: Store, job: str, rank: Optional[int], world_size: int, rend
         if len(members) >= world_size:
             break
         if cancel is not None and cancel.is_set():
-            store.delete_many([K.hello_key(job, rank)])
             raise ExchangeError(f"rendezvous of job {job!r}: cancelled on rank {rank} because "
                                 f"another rank failed", backend=store.scheme)
         if time.monotonic() >= deadline:
             missing = sorted(set(range(world_size)) - set(members))
-            store.delete_many([K.hello_key(job, rank)])
             raise ExchangeTimeoutError(f"rendezvous of job {job!r}: rank {rank} timed out after "
                                        f"{timeout:g}s waiting for rank(s) {missing} to join "
                                        f"(store {store.safe_url})", missing=missing, backend=store.scheme)
         time.sleep(next(delays))
-    token = members[0]["nonce"]
-    return rank, token, [members[r] for r in range(world_size)], used_counter
+    return members

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import pkgutil
 
@@ -19,14 +18,8 @@ ALL_BACKENDS = sorted(m.name for m in pkgutil.iter_modules(_servers.__path__) if
 _wanted = os.environ.get("CYLON_STORE_TEST_BACKENDS")
 BACKENDS = [b for b in ALL_BACKENDS if not _wanted or b in _wanted.split(",")]
 
-_started: dict[str, Backend] = {}
-
-
 def _backend(name, tmp_path_factory) -> Backend:
-    if name not in _started:
-        module = importlib.import_module(f"servers.{name}")
-        _started[name] = module.start(tmp_path_factory)
-    return _started[name]
+    return _servers.started_backend(name, tmp_path_factory)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -47,7 +40,7 @@ def store(store_url):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for b in _started.values():
+    for b in _servers.STARTED.values():
         try:
             b.stop()
         except Exception:

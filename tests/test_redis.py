@@ -23,7 +23,7 @@ import pytest
 import cylon_store as cs
 from cylon_store.adapters import redis as R
 
-from conftest import _backend
+from servers import started_backend as _backend
 from servers import free_port
 from servers.redis import launch, launch_cluster, make_tls_cert
 

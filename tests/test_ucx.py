@@ -21,7 +21,7 @@ import pytest
 
 import cylon_store as cs
 
-from conftest import _backend
+from servers import started_backend as _backend
 from servers import free_port
 from test_comm import rank_collectives, rank_exchange, rank_raises, rows_plan
 

@@ -27,3 +27,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+#: Backends started in this process (one per name per session); the conftest stops them.
+STARTED: dict = {}
+
+
+def started_backend(name: str, tmp_path_factory) -> Backend:
+    """The session's backend ``name`` (``servers/<name>.py``), started on first use."""
+    if name not in STARTED:
+        import importlib
+        module = importlib.import_module(f"servers.{name}")
+        STARTED[name] = module.start(tmp_path_factory)
+    return STARTED[name]
