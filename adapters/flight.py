@@ -237,7 +237,7 @@ class FlightAdapter(BlobAdapter):
         self.stats.count("flight.PUT")
         step = self.config.message_size
         try:
-            writer, reader = client.do_put(desc, SCHEMA, self._options())
+            writer, _ = client.do_put(desc, SCHEMA, self._options())
         except (flight.FlightError, pa.ArrowException, OSError) as exc:
             raise self._error(exc, "put", key) from exc
         try:
@@ -255,8 +255,7 @@ class FlightAdapter(BlobAdapter):
             else:
                 writer.write_with_metadata(last, commit)
             writer.done_writing()
-            reader.read()
-            writer.close()
+            writer.close()      # waits for the call's status: the service published, or why not
         except BaseException as exc:
             try:
                 writer.close()   # uncommitted: the service discards what arrived

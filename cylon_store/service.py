@@ -17,7 +17,8 @@ Protocol (the client is ``cylon_store.adapters.flight``; every call carries
                             with a metadata message ``{"n": bytes sent}`` (the commit): only then,
                             and only if every byte arrived, is the object published under its
                             key; a stream without it (the client's payload failed, the client
-                            died) stores nothing.  The reply metadata is ``{"v": version}``.
+                            died) stores nothing.  No reply message: the call's status is the
+                            answer (one message less per put).
 ``DoGet``                   ticket: msgpack ``{"k": key, "r": [start, end] | None, "v": version |
                             None}``; the reply streams the object (or the range) as the same kind
                             of batches, sliced from memory or from the spilled file, zero-copy.
@@ -295,7 +296,6 @@ class ShuffleServer(flight.FlightServerBase):
                 self._bytes_in += obj.size
         finally:
             sink.discard()
-        writer.write(pa.py_buffer(msgpack.packb({"v": version})))
 
     def _reserve(self, nbytes: int) -> bool:
         """Reserve ``nbytes`` more memory for a write (True), or say it must spill (False);
