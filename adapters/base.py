@@ -217,5 +217,13 @@ class BlobAdapter(abc.ABC):
         raise NotSupportedError("no atomic counter", backend=self.scheme, op="delete_counter",
                                 key=key)
 
+    def sweep(self, prefix: str) -> int:
+        """Remove what ``list`` cannot see under ``prefix`` and a crashed writer or rank may
+        have left: temporary files, chunks no commit names, open multipart uploads,
+        notification channels, counters.  Returns how many things went.  Called by
+        ``cylon-store clean`` (run it when no job under ``prefix`` is running); the default
+        has nothing to remove."""
+        return 0
+
     def describe(self) -> str:
         return f"{self.scheme}://{self.location.split('://', 1)[-1]}"

@@ -14,6 +14,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from urllib.parse import quote
 
 import pyarrow as pa
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 TMP_DIR = ".cylon-tmp"
 #: POSIX NAME_MAX on ext4, xfs, NFS and EFS.
 NAME_MAX = 255
+#: Characters of the quoted key in a temporary file's name (+ "." + 32 hex digits <= NAME_MAX).
+_TMP_KEY_CHARS = 200
 
 _TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY}
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -107,10 +110,27 @@ class FileAdapter(BlobAdapter):
     def _err(self, exc: OSError, op: str, key: Optional[str]) -> StoreError:
         return map_os_error(exc, op=op, key=key, backend=self.backend)
 
+    def sweep(self, prefix: str) -> int:
+        """Temporary files of writers that died before their rename, for keys under
+        ``prefix`` (run it when no job under ``prefix`` is running)."""
+        q = quote(prefix, safe="")[:_TMP_KEY_CHARS]
+        removed = 0
+        try:
+            names = os.listdir(self.tmp)
+        except FileNotFoundError:
+            return 0
+        for name in names:
+            if name.startswith(q):
+                _unlink_quiet(os.path.join(self.tmp, name))
+                removed += 1
+        return removed
+
     # -- contract -----------------------------------------------------------------------
     def put(self, key: str, chunks: Iterable[BufferLike], mode: PutMode = PutMode.OVERWRITE) -> int:
         path = self._path(key)
-        tmp = os.path.join(self.tmp, uuid.uuid4().hex)
+        # Named after the key (quoted, cut to fit a file name) so that `cylon-store clean` can
+        # find a killed writer's temporary file by the key prefix of its job (``sweep``).
+        tmp = os.path.join(self.tmp, f"{quote(key, safe='')[:_TMP_KEY_CHARS]}.{uuid.uuid4().hex}")
         written = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

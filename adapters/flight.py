@@ -331,6 +331,11 @@ class FlightAdapter(BlobAdapter):
     def delete_counter(self, key: str) -> None:
         self._call("delete_counter", {"k": self._key(key)}, key=key)
 
+    def sweep(self, prefix: str) -> int:
+        """Notification channels and counters under ``prefix`` (objects are listed and deleted
+        like any; a put that never committed stored nothing)."""
+        return int(self._call("sweep", {"prefix": self._key(prefix)}, key=prefix or None)["n"])
+
     def server_stats(self) -> dict:
         """The service's own statistics: objects, bytes in memory and on disk, requests by kind."""
         return self._call("stats", {})

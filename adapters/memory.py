@@ -173,6 +173,9 @@ class MemoryAdapter(BlobAdapter):
             items = [(k, v) for k, v in st.objects.items() if k.startswith(prefix)]
         return [ObjectMeta(k, b.size, ver) for k, (b, ver) in items]
 
+    def sweep(self, prefix: str) -> int:
+        return self._shared.sweep(prefix) if self._shared else 0
+
     # -- notification and counter -------------------------------------------------------
     def notify(self, channel: str, message: bytes = b"") -> None:
         if self._shared:

@@ -933,6 +933,43 @@ class RedisAdapter(BlobAdapter):
         pool.release(conn)
         return pool
 
+    def sweep(self, prefix: str) -> int:
+        """What ``list`` cannot see under ``prefix``: chunks that no commit record names (a
+        writer killed between its chunks and its commit, with no ``ttl``), notification lists
+        and counters.  For ``cylon-store clean``: run it when no job under ``prefix`` runs."""
+        esc = escape_key(prefix)
+        removed = 0
+        for pool in self.router.scan_pools():
+            with self._session(None, "sweep", prefix, pool=pool) as s:
+                for kind in (b"d:", b"n:", b"c:"):
+                    pattern = glob_escape(self.keys.prefix + kind + esc) + b"*"
+                    cursor = b"0"
+                    while True:
+                        cursor, rkeys = s.call(b"SCAN", cursor, b"MATCH", pattern, b"COUNT",
+                                               self.config.scan_count)
+                        doomed = [k for k in rkeys if kind != b"d:" or self._orphan_chunk(s, k)]
+                        for k in doomed:   # one key per UNLINK: keys may sit on other slots
+                            s.call(b"UNLINK", k)
+                        removed += len(doomed)
+                        if cursor in (b"0", 0):
+                            break
+        return removed
+
+    def _orphan_chunk(self, s, chunk_key: bytes) -> bool:
+        rest = chunk_key[len(self.keys.prefix) + 2:]          # E{T}:VER:I
+        parts = rest.rsplit(b":", 2)
+        if len(parts) != 3:
+            return False                                       # not one of ours
+        record = self.keys.prefix + b"m:" + parts[0]
+        raw = s.call(b"GETRANGE", record, 0, HEADER_SIZE - 1)
+        if not raw:
+            return True
+        try:
+            return Header.parse(raw, key=parts[0].decode(errors="replace"),
+                                op="sweep").version != parts[1]
+        except IntegrityError:
+            return False
+
     def delete_counter(self, key: str) -> None:
         # Idempotent: the facade retries it (Store.delete_counter), so not here as well.
         ck = self.keys.counter(key)

@@ -493,6 +493,26 @@ class S3Adapter(_aws.AwsAdapter):
 
         return self._call("list", prefix, run)
 
+    def sweep(self, prefix: str) -> int:
+        """Abort the multipart uploads under ``prefix`` that a killed writer left open (S3
+        keeps, and bills, their parts until then; a lifecycle rule with
+        AbortIncompleteMultipartUpload is the safety net).  Run it when no job under
+        ``prefix`` is running."""
+        full = self._prefix + prefix
+
+        def run():
+            aborted = 0
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=full)
+            for page in pages:
+                for u in page.get("Uploads", ()):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=u["Key"],
+                                                       UploadId=u["UploadId"])
+                    aborted += 1
+            return aborted
+
+        return self._call("sweep", prefix, run, retry="all")
+
 
 # -- helpers ------------------------------------------------------------------------------
 

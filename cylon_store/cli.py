@@ -102,16 +102,19 @@ def clean(args) -> int:
     with cs.open_store(args.url) as store:
         prefix = K.job_prefix(K.validate_job(args.job)) if args.job else K.ROOT + "/"
         doomed = store.list(prefix)
+        swept = 0
         if args.dry_run:
             print("\n".join(doomed))
         else:
             store.delete_many(doomed)
             for counter in ([K.counter_key(args.job)] if args.job else []):
-                try:
+                if store.capabilities.atomic_counter:
                     store.delete_counter(counter)
-                except cs.StoreError:
-                    pass
-        print(f"{'would delete' if args.dry_run else 'deleted'} {len(doomed)} key(s) under {prefix}")
+            # What list() cannot see: a killed writer's temporary file, chunks or open upload,
+            # notification channels, counters.
+            swept = store.sweep(prefix)
+        print(f"{'would delete' if args.dry_run else 'deleted'} {len(doomed)} key(s) under {prefix}"
+              + (f" and {swept} unlisted leftover(s)" if not args.dry_run and swept else ""))
     return 0
 
 

@@ -23,7 +23,7 @@ Protocol (the client is ``cylon_store.adapters.flight``; every call carries
                             None}``; the reply streams the object (or the range) as the same kind
                             of batches, sliced from memory or from the spilled file, zero-copy.
 ``DoAction``                ``head``, ``delete``, ``list``, ``notify``, ``wait``, ``incr``,
-                            ``delete_counter``, ``stats``, ``ping``: msgpack body, msgpack result.
+                            ``delete_counter``, ``sweep``, ``stats``, ``ping``: msgpack body, msgpack result.
 ==========================  ========================================================================
 
 Errors travel as Flight errors whose ``extra_info`` is a code (``NotFound``, ``AlreadyExists``,
@@ -360,6 +360,7 @@ class ShuffleServer(flight.FlightServerBase):
                 ("list", "keys by prefix"), ("notify", "leave a message on a channel"),
                 ("wait", "take a channel's messages, blocking"), ("incr", "atomic counter"),
                 ("delete_counter", "remove a counter"), ("stats", "service statistics"),
+                ("sweep", "remove channels and counters under a prefix"),
                 ("ping", "check the connection and the token")]
 
     def do_action(self, context, action):
@@ -446,6 +447,18 @@ class ShuffleServer(flight.FlightServerBase):
         with self._lock:
             self._counters.pop(_field(body, "k", str), None)
         return {}
+
+    def _action_sweep(self, body):
+        """Notification channels and counters under a prefix (``cylon-store clean``)."""
+        prefix = body.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise ServiceError("Invalid", "a sweep's prefix is a string")
+        with self._lock:
+            doomed = [(t, k) for t in (self._channels, self._counters) for k in t
+                      if k.startswith(prefix)]
+            for t, k in doomed:
+                del t[k]
+        return {"n": len(doomed)}
 
     def _action_stats(self, body):
         return self.stats()

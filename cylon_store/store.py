@@ -336,6 +336,17 @@ class Store:
         self._retrying(lambda: self.adapter.delete_counter(key), idempotent=True)
         self._stats.count("delete")
 
+    def sweep(self, prefix: str = "") -> int:
+        """Remove what a crashed writer or rank left under ``prefix`` that ``list`` does not
+        show (temporary files, orphaned chunks, open multipart uploads, notification channels,
+        counters; see each backend).  For cleaning up after a crashed job: objects of a job
+        still running under ``prefix`` could lose chunks being written."""
+        if not _could_start_a_key(prefix) and prefix:
+            return 0
+        n = self._retrying(lambda: self.adapter.sweep(prefix), idempotent=True)
+        self._stats.count("sweep")
+        return n
+
     def _require(self, capability: str, op: str, key: str) -> None:
         if not getattr(self.adapter.capabilities, capability):
             raise NotSupportedError(f"this backend does not declare {capability}", backend=self.scheme,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 
@@ -107,10 +107,12 @@ class StoreCommunicator(Communicator):
 
     def _receive(self, what: str, seq: int, srcs: list[int], dst: Optional[int], *,
                  delete: bool, read: Optional[Callable[[str], Any]] = None,
-                 prefixes: Optional[list[str]] = None) -> dict[int, Any]:
+                 prefixes: Optional[list[str]] = None, sends: Sequence[Future] = ()
+                 ) -> dict[int, Any]:
         """Wait for the messages of ``srcs`` to ``dst`` (a rank, or None for shared objects;
         ``prefixes`` overrides where to look), read each as soon as it is visible, delete them
-        if ``delete``."""
+        if ``delete``.  ``sends``: this rank's writes of the same collective, still running: one
+        that fails ends the wait at once with its error (instead of a timeout, everywhere)."""
         pending = set(srcs)
         out: dict[int, Any] = {}
         if not pending:
@@ -153,6 +155,9 @@ class StoreCommunicator(Communicator):
                     read_keys.append(present[src])
                     self._mailbox.discard(present[src])
                 continue
+            for f in sends:
+                if f.done() and f.exception() is not None:
+                    f.result()   # raises the write's own error (no space, refused, ...)
             if self._cancelled():
                 raise ExchangeError(f"{what} {seq} of job {self.job!r}: cancelled on rank "
                                     f"{self.rank} because another rank failed", seq=seq)
@@ -202,7 +207,8 @@ class StoreCommunicator(Communicator):
             self.stats["rows_sent"] += part.num_rows
             key = K.msg_key(self.job, self.token, seq, d, me)
             send_futs.append(self._pool.submit(self._put, key, part, d))
-        got = self._receive("exchange", seq, [s for s in range(P) if s != me], me, delete=True)
+        got = self._receive("exchange", seq, [s for s in range(P) if s != me], me, delete=True,
+                            sends=send_futs)
         for f in send_futs:
             f.result()
         self.stats["exchanges"] += 1
@@ -407,7 +413,10 @@ class StoreCommunicator(Communicator):
         token = _noschema_table()
         if me != 0:
             self._put(K.msg_key(self.job, self.token, seq, 0, me), token, 0)
-            self._receive("barrier", seq, [0], me, delete=True)
+            # Rank 0 releases everyone once all arrived: if it does not, the rank missing may
+            # be another one that rank 0 is itself waiting for (its own error names it).
+            self._receive("barrier (released by rank 0 once every rank arrived; rank 0 may "
+                          "itself be waiting for another rank)", seq, [0], me, delete=True)
         else:
             self._receive("barrier", seq, list(range(1, P)), 0, delete=True)
             futs = [self._pool.submit(self._put, K.msg_key(self.job, self.token, seq, d, 0), token, d)

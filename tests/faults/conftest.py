@@ -39,7 +39,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 def fault_report(request):
     """A dict the test fills (``Outcome.record()``); appended as one JSON line to
-    ``$CYLON_STORE_FAULTS_REPORT`` at teardown, if that is set."""
+    ``$CYLON_STORE_TEST_FAULTS_REPORT`` at teardown, if that is set."""
     record: dict = {}
     yield record
     path = REPORT_PATH
