@@ -43,6 +43,9 @@ MiB = 1 << 20
 
 # -- a loopback redis-server ------------------------------------------------------------------
 class LocalRedis:
+    """redis-server on a free loopback port (no persistence), stopped by its PID; the
+    benchmarks that compare against Redis share it."""
+
     def __init__(self):
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         with socket.socket() as s:
@@ -68,6 +71,10 @@ class LocalRedis:
             time.sleep(0.05)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def version(self) -> str:
         import redis
         return redis.Redis(port=self.port).info("server")["redis_version"]
@@ -75,7 +82,11 @@ class LocalRedis:
     def stop(self):
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
