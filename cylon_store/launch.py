@@ -10,7 +10,9 @@ remote traceback) or dies (killed, segfault): the other ranks are stopped, never
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -27,6 +29,8 @@ import cloudpickle
 from .collective import first_cause
 from .errors import ConfigError, RankFailedError
 from .keys import validate_job
+
+log = logging.getLogger("cylon_store")
 
 LAUNCHERS = ("local", "threads", "mpi", "lambda", "lambda-local")
 _POLL = 0.02
@@ -253,13 +257,27 @@ def _launch_processes(fn, world_size, url, args, job, timeout, comm_timeout, lau
             env = {**base_env, **mpi_env()}
             env.pop("CYLON_STORE_WORLD_SIZE", None)  # ranks come from mpirun's environment
             mpirun = find_mpirun()
-            procs.append(subprocess.Popen([mpirun, "-n", str(world_size), *cmd], env=env,
-                                          start_new_session=True))
+            for attempt in range(1, _MPIRUN_ATTEMPTS + 1):
+                procs[:] = [subprocess.Popen([mpirun, "-n", str(world_size), *cmd], env=env,
+                                             start_new_session=True)]
+                try:
+                    _supervise(procs, world_size, workdir, job, timeout, launcher)
+                    break
+                except RankFailedError:
+                    if attempt == _MPIRUN_ATTEMPTS or not _never_started(workdir, procs[0]):
+                        raise
+                    # mpirun itself failed before it started a single rank (e.g. "The PMIx
+                    # server's listener thread failed to start" on a busy machine): no user
+                    # code ran, so starting it again is safe.
+                    log.warning("mpirun for job %r exited with code %s before starting any rank; "
+                                "starting it again (attempt %d of %d)", job, procs[0].returncode,
+                                attempt + 1, _MPIRUN_ATTEMPTS)
+                    time.sleep(random.uniform(0.2, 1.0) * attempt)
         else:
             for rank in range(world_size):
                 env = {**base_env, "CYLON_STORE_RANK": str(rank)}
                 procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-        _supervise(procs, world_size, workdir, job, timeout, launcher)
+            _supervise(procs, world_size, workdir, job, timeout, launcher)
         return [_read_result(workdir, r) for r in range(world_size)]
     finally:
         for p in procs:
@@ -268,6 +286,15 @@ def _launch_processes(fn, world_size, url, args, job, timeout, comm_timeout, lau
         for done in (cleanup, cleanup_rendezvous):
             if done:
                 done()
+
+
+_MPIRUN_ATTEMPTS = 3
+
+
+def _never_started(workdir, proc) -> bool:
+    """mpirun ended with an error and no rank process of it ever ran."""
+    return proc.returncode not in (None, 0) and not any(
+        name.startswith(("started-", "result-", "error-")) for name in os.listdir(workdir))
 
 
 def _supervise(procs, world_size, workdir, job, timeout, launcher):

@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     outdir = os.environ["CYLON_STORE_RESULT_DIR"]
     rank, _ = ranks_from_env()
     rank = -1 if rank is None else rank
+    # Tells the launcher this process ran: an mpirun that failed before any rank started
+    # (its own startup, e.g. PMIx) may be retried, one whose ranks ran may not.
+    open(os.path.join(outdir, f"started-{os.getpid()}"), "wb").close()
     try:
         with open(argv[0], "rb") as f:
             fn, args = cloudpickle.load(f)
