@@ -25,14 +25,16 @@ import time
 import uuid
 
 import cylon_store as cs
+from cylon_store import pricing
 from cylon_store.comm import request_model
 
 from . import require
 from .exchange import rank_parts
-from .s3_bench import LocalMoto
+from .servers import LocalMoto
 
-S3_PUT, S3_GET = 0.005 / 1000, 0.0004 / 1000
-DDB_WRU, DDB_RRU = 0.625 / 1e6, 0.125 / 1e6
+# The project's one price table.
+S3_PUT, S3_GET = pricing.S3_PUT_CLASS, pricing.S3_GET_CLASS
+DDB_WRU, DDB_RRU = pricing.DYNAMODB_WRITE_UNIT, pricing.DYNAMODB_READ_UNIT
 
 
 #: Set by run() for the threads launcher: ranks share one Store, so rank 0 alone reads its

@@ -37,13 +37,12 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -51,70 +50,15 @@ import pyarrow as pa
 import cylon_store as cs
 
 from . import require
-from .redis_bench import LocalRedis
+from .servers import LocalRedis, Server, redis_binary, service_url, start_service
 
 MiB = 1 << 20
 
 
 # -- servers (separate processes, stopped by PID) ------------------------------------------------
-class Server:
-    """A child process that prints ``serving URL`` on its first stdout line when ready."""
-
-    def __init__(self, cmd: list, env: Optional[dict] = None, timeout: float = 60.0,
-                 name: str = "server"):
-        self.name = name
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        self.stderr: list = []
-        err, out = self.proc.stderr, self.proc.stdout
-        assert err is not None and out is not None
-        threading.Thread(target=lambda: self.stderr.extend(err), daemon=True).start()
-        first: list = []
-        reader = threading.Thread(target=lambda: first.append(out.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
-        line = first[0].strip() if first else ""
-        if not line.startswith("serving "):
-            self.stop()
-            raise RuntimeError(f"{name} did not start within {timeout}s: {line!r} "
-                               f"{''.join(self.stderr)[-2000:]}")
-        self.url = line.split(" ", 1)[1]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
-
-
-def start_service(*extra: str, token: Optional[str]) -> Server:
-    """``python -m cylon_store.service --port 0 ...``; the token travels in the environment."""
-    env = dict(os.environ)
-    env.pop("CYLON_STORE_TOKEN", None)
-    if token:
-        env["CYLON_STORE_TOKEN"] = token
-    return Server([sys.executable, "-m", "cylon_store.service", "--port", "0", *extra], env=env,
-                  name="the shuffle service")
-
-
 def start_bare() -> Server:
     return Server([sys.executable, "-m", "cylon_store.bench.flight_bench", "--bare-server"],
                   name="the bare Flight server")
-
-
-def service_url(server: Server, token: Optional[str], **query) -> str:
-    q = dict(query)
-    if token:
-        q["token"] = token
-    return server.url + ("?" + "&".join(f"{k}={v}" for k, v in q.items()) if q else "")
 
 
 # -- the bare Flight server (run as its own process: --bare-server) ------------------------------
@@ -496,7 +440,7 @@ def main(argv=None):
                          f"does not import: {exc})") from None
     if "exchange" in parts:
         require("redis", "hiredis", extra="redis", why="the redis:// side of the exchange part")
-        if not (shutil.which("redis-server") or os.path.exists("/usr/bin/redis-server")):
+        if redis_binary() is None:
             raise SystemExit("the exchange part needs redis-server on PATH (apt install redis-server)")
     sizes = [int(s) for s in a.sizes.split(",")]
     ranks = [int(r) for r in a.ranks.split(",")]

@@ -21,7 +21,8 @@ import cylon_store as cs
 import cylon_store.store_comm as C
 
 from . import require
-from .redis_bench import LocalRedis, raw_client
+from .redis_bench import raw_client
+from .servers import LocalRedis
 
 
 def _rank(comm, rounds):

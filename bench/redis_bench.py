@@ -22,11 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -37,57 +32,9 @@ import pyarrow as pa
 import cylon_store as cs
 
 from . import require
+from .servers import LocalRedis
 
 MiB = 1 << 20
-
-
-# -- a loopback redis-server ------------------------------------------------------------------
-class LocalRedis:
-    """redis-server on a free loopback port (no persistence), stopped by its PID; the
-    benchmarks that compare against Redis share it."""
-
-    def __init__(self):
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir = tempfile.mkdtemp(prefix="cylon-redis-bench-")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as c:
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def version(self) -> str:
-        import redis
-        return redis.Redis(port=self.port).info("server")["redis_version"]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def raw_client(url: str):

@@ -25,7 +25,6 @@ import argparse
 import math
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -39,56 +38,13 @@ import pyarrow as pa
 import cylon_store as cs
 
 from . import require
+from .servers import LocalMoto, moto_version
 
 MiB = 1 << 20
 
 _BOTO_CONFIG = dict(retries={"total_max_attempts": 1, "mode": "standard"}, max_pool_connections=32,
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required")
-
-
-# -- a loopback moto server -----------------------------------------------------------------
-_SERVE = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-s = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-s.start()
-host, port = s.get_host_and_port()
-print(f"http://{host}:{port}", flush=True)
-sys.stdin.read()
-s.stop()
-"""
-
-
-class LocalMoto:
-    """moto's server in a child process (its own GIL); exits when our end of its stdin closes."""
-
-    def __init__(self):
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
-        self.url = self.proc.stdout.readline().strip()
-        if not self.url.startswith("http://"):
-            self.stop()
-            raise RuntimeError("moto server did not start (is moto[server] installed?)")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def moto_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("moto")
-    except Exception:
-        return "?"
 
 
 # -- helpers -------------------------------------------------------------------------------

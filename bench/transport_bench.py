@@ -29,10 +29,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ import pyarrow as pa
 import cylon_store as cs
 from cylon_store.config import parse_size
 
-from . import require
+from . import require, servers
 
 
 #: (label, ucx:// options): TCP on loopback as between hosts; shared memory with error
@@ -146,33 +143,6 @@ def rank_exchange(comm, total_bytes: int, iters: int, name: str) -> dict:
     return {name: times}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(workdir: str):
-    binary = shutil.which("redis-server")
-    if not binary:
-        return None, None
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir, "--protected-mode", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1GiB", help="bytes exchanged in total (e.g. 256MiB, 1GiB)")
@@ -217,16 +187,20 @@ def main(argv=None) -> int:
             run("file", rank_exchange, f"file://{workdir}/store?fsync=false",
                 (total, args.store_iters, "file:// (store exchange)"))
         if "redis" in only:
-            proc, url = _start_redis(workdir)
-            if proc is None:
+            redis_server = None
+            if servers.redis_binary() is None:
                 notes.append("redis: no redis-server binary found; skipped")
             else:
                 try:
-                    run("redis", rank_exchange, url, (total, args.store_iters,
-                                                      "redis:// (store exchange)"))
+                    redis_server = servers.LocalRedis()
+                except RuntimeError as exc:
+                    notes.append(f"redis: {exc}; skipped")
+            if redis_server is not None:
+                try:
+                    run("redis", rank_exchange, redis_server.url, (total, args.store_iters,
+                                                                   "redis:// (store exchange)"))
                 finally:
-                    os.kill(proc.pid, signal.SIGTERM)
-                    proc.wait(10)
+                    redis_server.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
