@@ -40,7 +40,7 @@ import pyarrow as pa
 import cylon_store as cs
 
 from . import require
-from .redis_bench import LocalRedis
+from .servers import LocalRedis
 
 QUICK = {"join_left": 2_000_000, "join_right": 200_000, "groupby_rows": 2_000_000,
          "groups": 200_000, "sort_rows": 2_000_000}
@@ -220,7 +220,7 @@ def _timed(fn, repeat):
         times.append(time.perf_counter() - t0)
         rows = len(out) if not isinstance(out, pa.Table) else out.num_rows
         del out
-    return min(times), rows
+    return min(times), rows, times
 
 
 class DaskPeer:
@@ -275,7 +275,27 @@ class DaskPeer:
             time.sleep(0.5)
         self.client.cancel(frames)
         self.client.run(lambda: __import__("gc").collect())
-        return min(times), rows
+        return min(times), rows, times
+
+    def shuffle(self, data: pa.Table, repeat: int) -> list:
+        """Seconds of each of ``repeat`` P2P shuffles of ``data`` by column ``k`` (after one
+        warm-up): the all-to-all the exchange workload measures, as Dask does it."""
+        import dask.dataframe as dd
+        from dask.distributed import wait
+        ddf = dd.from_pandas(data.to_pandas(), npartitions=self.workers).persist()
+        wait(ddf)
+        times = []
+        for i in range(repeat + 1):
+            t0 = time.perf_counter()
+            res = ddf.shuffle("k", npartitions=self.workers, shuffle_method="p2p").persist()
+            wait(res)
+            if i:
+                times.append(time.perf_counter() - t0)
+            self.client.cancel(res)
+            del res
+            time.sleep(0.2)
+        self.client.cancel(ddf)
+        return times
 
     def close(self):
         self.client.close()
@@ -353,7 +373,7 @@ def main(argv=None) -> int:
             data = full_data(op, sizes, P)
             for name, fn in (("duckdb", run_duckdb), ("polars", run_polars)):
                 if name in peers:
-                    t, n = fn(op, data, repeat)
+                    t, n, _ = fn(op, data, repeat)
                     peer_times[(op, name)] = t
                     print(f"{op:14s} {name:14s} {t:8.3f}s  rows={n}", flush=True)
             del data
@@ -362,7 +382,7 @@ def main(argv=None) -> int:
             try:
                 for op in peer_ops:
                     data = full_data(op, sizes, P)
-                    t, n = dask_peer.run(op, data, repeat)
+                    t, n, _ = dask_peer.run(op, data, repeat)
                     peer_times[(op, "dask-p2p")] = t
                     print(f"{op:14s} dask-p2p       {t:8.3f}s  rows={n}", flush=True)
                     del data

@@ -25,13 +25,13 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 import cylon_store as cs
 
 from . import require
+from .workloads import bdb_tables
 
 MEMORY_MB = 1769  # one full vCPU on Lambda
 
@@ -44,24 +44,6 @@ def rank_connected(comm, t0):
 
 
 # -- the BDB join query (query 3) ----------------------------------------------------------------
-
-def bdb_tables(rank: int, world: int, rows: int):
-    """This rank's share of rankings (rows/10 pages) and uservisits (rows visits)."""
-    pages = max(1, rows // 10)
-    rng = np.random.default_rng(1000 + rank)
-    lo, hi = rank * pages // world, (rank + 1) * pages // world
-    rankings = pa.table({"pageURL": pa.array([f"url{i}" for i in range(lo, hi)]),
-                         "pageRank": rng.integers(1, 1000, hi - lo),
-                         "avgDuration": rng.integers(1, 100, hi - lo)})
-    n = rows // world
-    uservisits = pa.table({
-        "sourceIP": pa.array([f"10.{a}.{b}" for a, b in zip(rng.integers(0, 64, n), rng.integers(0, 256, n))]),
-        "destURL": pa.array([f"url{i}" for i in rng.integers(0, pages, n)]),
-        "visitDate": pa.array(rng.integers(0, 3650, n), pa.int32()),
-        "adRevenue": rng.random(n) * 10,
-    })
-    return rankings, uservisits
-
 
 def rank_bdb_join(comm, rows):
     from cylon_store import kernel as K
@@ -134,8 +116,7 @@ def main(argv=None) -> int:
             *(["redis"] if "redis" in stores else []), extra="bench,lambda")
     from cylon_store.serverless.local import LocalLambda
 
-    from .redis_bench import LocalRedis
-    from .s3_bench import LocalMoto
+    from .servers import LocalMoto, LocalRedis
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")

@@ -173,6 +173,13 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     service.add_arguments(p)
     p.set_defaults(fn=lambda args, p=p: service.run(args, p))
+    from cylon_store.bench import suite
+    p = sub.add_parser("bench", help="compare the storage backends: latency, exchange, operators, "
+                                     "BDB queries; results.json, report.md, charts",
+                       description=suite.__doc__.split("\n\n", 2)[2],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    suite.add_arguments(p)
+    p.set_defaults(fn=lambda args: suite.main(args, argv))
     from cylon_store.serverless.cli import add_parser as add_lambda_parser
     add_lambda_parser(sub)
     args = parser.parse_args(argv)

@@ -17,9 +17,17 @@ month). Adapters price their own requests with these (``adapters/s3.py``,
 | EFS Elastic Throughput reads | $0.03 | per GB read | aws.amazon.com/efs/pricing |
 | EFS Elastic Throughput writes | $0.06 | per GB written | aws.amazon.com/efs/pricing |
 | ElastiCache (Redis/Valkey) | per node-hour | provisioned: not attributable to one job's requests | aws.amazon.com/elasticache/pricing |
+| ElastiCache cache.r7g.large (Redis OSS) | $0.219 | per node-hour, on demand | aws.amazon.com/elasticache/pricing |
+| Fargate, Linux x86 (the shuffle service's task) | $0.04048 / $0.004445 | per vCPU-hour / per GB-hour | aws.amazon.com/fargate/pricing |
 
 Storage-time charges (GB-month) are left out: shuffle data lives for seconds to minutes and every
 rank deletes what it wrote.
+
+``job_cost_usd`` prices one measured run the same way for every backend (``cylon-store bench``):
+compute as Lambda GB-seconds of every rank at ``BENCH_MEMORY_MB`` (one vCPU) for the run's
+seconds, plus the store: requests and bytes (S3, DynamoDB, EFS for file://), or the provisioned
+server for the run's seconds (one ElastiCache node for redis://, one 2 vCPU / 4 GB Fargate task
+for the shuffle service); memory://, mpi:// and ucx:// pay compute only.
 """
 
 from __future__ import annotations
@@ -74,6 +82,34 @@ def store_cost_usd(scheme: str, stats: dict) -> float:
         return (stats.get("bytes_in", 0) / 1e9 * EFS_ELASTIC_READ_GB
                 + stats.get("bytes_out", 0) / 1e9 * EFS_ELASTIC_WRITE_GB)
     return 0.0
+
+
+ELASTICACHE_NODE_HOUR = {"cache.r7g.large": 0.219}
+FARGATE_VCPU_HOUR = 0.04048
+FARGATE_GB_HOUR = 0.004445
+#: The shuffle service's task in the cost model: 2 vCPU, 4 GB.
+SERVICE_TASK = (2, 4)
+#: Memory of one rank in ``job_cost_usd``: 1,769 MB is one full vCPU on Lambda.
+BENCH_MEMORY_MB = 1769
+
+
+def provisioned_usd(scheme: str, seconds: float) -> float:
+    """A provisioned store server's price for ``seconds`` (0 for per-request stores)."""
+    if scheme in ("redis", "rediss"):
+        return ELASTICACHE_NODE_HOUR["cache.r7g.large"] * seconds / 3600
+    if scheme in ("flight", "flight+tls"):
+        vcpu, gb = SERVICE_TASK
+        return (vcpu * FARGATE_VCPU_HOUR + gb * FARGATE_GB_HOUR) * seconds / 3600
+    return 0.0
+
+
+def job_cost_usd(scheme: str, seconds: float, ranks: int, stats: dict,
+                 memory_mb: int = BENCH_MEMORY_MB) -> dict:
+    """Dollars of one run of ``seconds`` on ``ranks`` ranks whose store requests are ``stats``
+    (summed over ranks, as ``store.stats()``): ``{"compute", "store", "total"}``."""
+    compute = ranks * lambda_gb_seconds(seconds * 1000.0, memory_mb) * LAMBDA_GB_SECOND["x86_64"]
+    store = store_cost_usd(scheme, stats) + provisioned_usd(scheme, seconds)
+    return {"compute": compute, "store": store, "total": compute + store}
 
 
 #: What each store scheme's dollars stand for in a report.
