@@ -8,6 +8,8 @@ import os
 from typing import Optional
 
 BYTE_UNITS = ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"))
+#: Backends an AWS Lambda function can use (no inbound connections: storage or a service).
+SERVERLESS = ("s3", "dynamodb", "redis", "flight", "file")
 
 
 def human_size(n: float) -> str:
@@ -48,7 +50,10 @@ def _table(header: list, rows: list) -> str:
 def _requests(req: dict, repeat: int) -> str:
     if not req:
         return "—"
-    items = sorted(req.items(), key=lambda kv: -kv[1])[:4]
+    # The backend's own request kinds (s3.GET, redis.COMMANDS...) when it counts them, else
+    # the facade's operations (put, get, list...).
+    own = {k: v for k, v in req.items() if "." in k}
+    items = sorted((own or req).items(), key=lambda kv: -kv[1])[:4]
     return ", ".join(f"{k.split('.', 1)[-1]} {v / repeat:,.0f}" for k, v in items)
 
 
@@ -79,13 +84,18 @@ def recommendation(results: dict) -> str:
     if not groups:
         return "recommendation: nothing measured that moves data (run the exchange or bdb workload)"
     lines = ["recommendation (fastest and cheapest backend per data size and rank count; "
-             "dollars at AWS list prices, compute as Lambda GB-seconds):"]
-    for (workload, size, ranks), cells in sorted(groups.items()):
+             "dollars at AWS list prices, compute as Lambda GB-seconds; 'serverless': the "
+             "stores an AWS Lambda function can reach, s3/dynamodb/redis/flight/file as EFS):"]
+    for key, cells in list(groups.items()):
+        reachable = [c for c in cells if c["backend"] in SERVERLESS]
+        if reachable and len(reachable) < len(cells):
+            groups[key + ("serverless",)] = reachable
+    for (workload, size, ranks, *only), cells in sorted(groups.items()):
         what = (f"exchange of {human_size(size)}" if workload == "exchange"
                 else f"BDB join query, {_rows(size)} visits")
         fast = min(cells, key=lambda c: c["best_s"])
         cheap = min(cells, key=lambda c: (c["usd"]["total"], c["best_s"]))
-        head = f"- {what} on {ranks} ranks: "
+        head = f"- {what} on {ranks} ranks{', serverless' if only else ''}: "
         if fast is cheap:
             lines.append(head + f"{fast['backend']} is both fastest ({_secs(fast['best_s'])}) and "
                                 f"cheapest ({_usd(fast['usd']['total'])} per run)")

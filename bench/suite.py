@@ -33,8 +33,8 @@ BACKENDS = ("memory", "file", "redis", "s3", "dynamodb", "flight", "mpi", "ucx")
 WORKLOADS = ("latency", "exchange", "operators", "bdb")
 MB = 1_000_000
 
-QUICK = {"ranks": [4], "latency_ranks": [4], "sizes": [64 * MB], "rows": 200_000, "repeat": 3,
-         "latency_repeat": 20}
+QUICK = {"ranks": [4], "latency_ranks": [4, 8], "sizes": [64 * MB, 256 * MB], "rows": 200_000,
+         "repeat": 3, "latency_repeat": 20}
 FULL = {"ranks": [4, 8], "latency_ranks": [4, 8, 16], "sizes": [64 * MB, 256 * MB, 1000 * MB],
         "rows": 2_000_000, "repeat": 3, "latency_repeat": 50}
 #: Seconds one rank waits for the others inside a launch, and a launch's bound.
@@ -84,7 +84,8 @@ def _url(text: str) -> tuple:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="4 ranks, 64 MB, 200,000 rows, best of 3 (default; under 5 minutes on 2 cores)")
+                      help="4 ranks (latency also 8), 64 and 256 MB, 200,000 rows, best of 3 (default; "
+                           "under 5 minutes on 2 cores)")
     mode.add_argument("--full", action="store_true",
                       help="4 and 8 ranks (latency also 16), 64 MB to 1 GB, 2,000,000 rows")
     p.add_argument("--backends", type=_list(BACKENDS), default=list(BACKENDS),
