@@ -158,9 +158,9 @@ class StoreCommunicator(Communicator):
             for f in sends:
                 if f.done() and f.exception() is not None:
                     f.result()   # raises the write's own error (no space, refused, ...)
-            if self._cancelled():
-                raise ExchangeError(f"{what} {seq} of job {self.job!r}: cancelled on rank "
-                                    f"{self.rank} because another rank failed", seq=seq)
+            # A rank whose own wait has expired reports that (it names the ranks it waited
+            # for, the cause of a chain of waits), even when a sibling failed meanwhile: on a
+            # loaded machine the sibling that waited on it may have timed out a moment first.
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(pending)
@@ -168,6 +168,9 @@ class StoreCommunicator(Communicator):
                     f"{what} {seq} of job {self.job!r}: rank {self.rank} timed out after "
                     f"{self.timeout:g}s waiting for rank(s) {missing} (store {self.store.safe_url})",
                     seq=seq, missing=missing, backend=self.store.scheme)
+            if self._cancelled():
+                raise ExchangeError(f"{what} {seq} of job {self.job!r}: cancelled on rank "
+                                    f"{self.rank} because another rank failed", seq=seq)
             if self._notify:
                 got: object = self.store.wait(self._inbox, min(remaining, 0.25))
                 if isinstance(got, list):
