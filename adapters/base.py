@@ -66,6 +66,11 @@ class Capabilities:
     max_object_size: Optional[int] = None
     #: ``notify``/``wait`` implemented: waiters block instead of polling.
     notification: bool = False
+    #: ``notify``/``wait`` implemented between the processes of one machine, but a message may
+    #: be lost (its receiver not listening yet, or on another host of a shared filesystem):
+    #: waiters still poll, and a message only ends a poll's sleep early (and may carry a copy of
+    #: small data, sparing the read).  A backend declares ``notification`` or this, not both.
+    doorbell: bool = False
     #: ``incr`` implemented: an atomic counter (rendezvous by increment).
     atomic_counter: bool = False
     #: The payload iterator is consumed incrementally (memory bounded by one chunk).
@@ -196,11 +201,24 @@ class BlobAdapter(abc.ABC):
         """Release clients and pools. Idempotent."""
 
     # -- optional, by capability --------------------------------------------------------
-    def notify(self, channel: str, message: bytes = b"") -> None:
+    def notify(self, channel: str, message: bytes = b"") -> Optional[bool]:
         """Leave ``message`` on ``channel`` (messages persist until a ``wait`` takes them; the
-        communicator sends the key of what it just wrote, so receivers need not LIST)."""
+        communicator sends the key of what it just wrote, so receivers need not LIST).  A
+        doorbell returns False when the message was not delivered (nobody listening)."""
         raise NotSupportedError("blocking notification is not available; waiters poll",
                                 backend=self.scheme, op="notify")
+
+    def put_notify(self, key: str, chunks: Iterable[BufferLike],
+                   messages: Sequence[tuple[str, bytes]]) -> tuple[int, builtins.list[bool]]:
+        """``put`` (overwrite) then ``notify_many``; backends with round trips may send both in
+        one.  Returns the bytes written and the notifications' delivery."""
+        written = self.put(key, chunks, PutMode.OVERWRITE)
+        return written, self.notify_many(messages)
+
+    def notify_many(self, messages: Sequence[tuple[str, bytes]]) -> builtins.list[bool]:
+        """``notify`` of several (channel, message) pairs (backends with round trips send them
+        in one); for each, whether it was delivered (a doorbell can tell it was not)."""
+        return [self.notify(channel, message) is not False for channel, message in messages]
 
     def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         """Take every message on ``channel`` (bytes, in the order left), blocking up to

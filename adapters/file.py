@@ -4,13 +4,26 @@ Guarantees: a put becomes visible atomically (write a temporary file in the stor
 ``.cylon-tmp`` directory, optionally fsync, then ``rename``); create-if-absent is atomic through
 ``link(2)``, which fails with EEXIST when the name exists and is atomic on local filesystems, NFSv3
 and NFSv4.1 (EFS); readers open one inode, so they never see a torn object.  Errors map by errno.
+
+Doorbells (``doorbell``, on by default on Linux): ``notify``/``wait`` through Unix datagram
+sockets in the abstract namespace, named after the store's root and the channel, so the rank
+processes of one machine wake each other instead of sleeping between polls.  They are hints: a
+message to a channel nobody listens on yet, or to a process on another host of an NFS/EFS
+mount, is dropped, and waiters poll anyway (``Capabilities.doorbell``).
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import errno
+import hashlib
 import os
+import select
+import socket
+import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence
@@ -38,6 +51,10 @@ _TMP_KEY_CHARS = 200
 _TRANSIENT = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY}
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+#: Abstract-namespace Unix sockets are Linux's.
+DOORBELLS = sys.platform.startswith("linux")
+#: Largest doorbell message (one datagram; a longer one is sent empty: a bare wake-up).
+DOORBELL_MAX = 60 * 1024
 
 
 def map_os_error(exc: OSError, *, op: str, key: Optional[str], backend: str = "file") -> StoreError:
@@ -69,13 +86,15 @@ class FileConfig:
     fsync: bool = True
     #: Create the root directory if it does not exist.
     mkdir: bool = True
+    #: Wake waiters of this machine through Unix datagram sockets (see the module docstring).
+    doorbell: bool = True
 
 
 class FileAdapter(BlobAdapter):
     scheme = "file"
     Config = FileConfig
     capabilities = Capabilities(conditional_create=True, byte_ranges=True, max_object_size=None,
-                                notification=False, streaming_put=True)
+                                notification=False, streaming_put=True, doorbell=DOORBELLS)
 
     def __init__(self, location: str, config: FileConfig, stats: Stats, *,
                  root: Optional[str] = None, backend: str = "file",
@@ -94,6 +113,73 @@ class FileAdapter(BlobAdapter):
             raise ConfigError(f"store root {self.root!r} is not a directory (mkdir=false)")
         self.tmp = os.path.join(self.root, TMP_DIR)
         os.makedirs(self.tmp, exist_ok=True)
+        self._bells: dict[str, Optional[socket.socket]] = {}
+        self._bell_out: Optional[socket.socket] = None
+        self._bell_lock = threading.Lock()
+        if not config.doorbell and self.capabilities.doorbell:
+            self.capabilities = dataclasses.replace(self.capabilities, doorbell=False)
+
+    # -- doorbells ---------------------------------------------------------------------
+    def _bell_address(self, channel: str) -> bytes:
+        digest = hashlib.blake2b(f"{self.root}\0{channel}".encode(), digest_size=20).hexdigest()
+        return b"\0cylon-store-" + digest.encode()
+
+    def notify(self, channel: str, message: bytes = b"") -> Optional[bool]:
+        """False when the doorbell was not delivered (nobody listens on this machine, or its
+        queue is full); True when it is in the receiver's queue."""
+        if not self.capabilities.doorbell:
+            return super().notify(channel, message)
+        with self._bell_lock:
+            out = self._bell_out
+            if out is None:
+                out = self._bell_out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                out.setblocking(False)
+        if len(message) > DOORBELL_MAX:
+            return False
+        try:
+            out.sendto(message, self._bell_address(channel))
+        except OSError:
+            return False   # nobody listening (yet), or its queue is full: the receiver polls
+        return True
+
+    def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
+        if not self.capabilities.doorbell:
+            return super().wait(channel, timeout)
+        with self._bell_lock:
+            if channel not in self._bells:
+                sock: Optional[socket.socket] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                try:
+                    sock.bind(self._bell_address(channel))   # type: ignore[union-attr]
+                    sock.setblocking(False)                   # type: ignore[union-attr]
+                except OSError:   # another waiter of this channel on the machine: sleep instead
+                    sock.close()                              # type: ignore[union-attr]
+                    sock = None
+                self._bells[channel] = sock
+            sock = self._bells[channel]
+        if sock is None:
+            if timeout > 0:
+                time.sleep(timeout)
+            return []
+        if timeout > 0:
+            # poll, not select: a long-lived process may hold descriptors above FD_SETSIZE.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.poll(timeout * 1000)
+        got = []
+        while True:
+            try:
+                got.append(sock.recv(DOORBELL_MAX + 1))
+            except (BlockingIOError, InterruptedError):
+                return got
+
+    def close(self) -> None:
+        with self._bell_lock:
+            socks = [s for s in self._bells.values() if s is not None]
+            if self._bell_out is not None:
+                socks.append(self._bell_out)
+            self._bells, self._bell_out = {}, None
+        for s in socks:
+            s.close()
 
     def describe(self) -> str:
         return f"{self.backend}://{self.root}"

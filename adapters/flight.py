@@ -311,9 +311,10 @@ class FlightAdapter(BlobAdapter):
 
     # notify and wait are retried here (the facade does not): safe to repeat, since receivers
     # ignore a repeated announcement and LIST for one that a lost reply took.
-    def notify(self, channel: str, message: bytes = b"") -> None:
+    def notify(self, channel: str, message: bytes = b"") -> Optional[bool]:
         body = {"c": self._key(channel), "m": bytes(message)}
         self._retry.call(lambda: self._call("notify", body, key=channel))
+        return True
 
     def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         body = {"c": self._key(channel), "t": max(0.0, timeout)}

@@ -35,6 +35,8 @@ SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
 class MemoryConfig:
     #: Keep objects in /dev/shm so that several processes share the store.
     shared: bool = False
+    #: With ``shared``: wake the other processes through doorbells (see adapters/file.py).
+    doorbell: bool = True
 
 
 class _State:
@@ -88,10 +90,11 @@ class MemoryAdapter(BlobAdapter):
                                   f"'-', '_' and '.'", backend="memory")
         self._shared: Optional[FileAdapter] = None
         if config.shared:
-            self._shared = FileAdapter(location, FileConfig(fsync=False), stats,
+            self._shared = FileAdapter(location, FileConfig(fsync=False, doorbell=config.doorbell), stats,
                                        root=shm_path(self.name), backend="memory")
             self.capabilities = Capabilities(conditional_create=True, byte_ranges=True,
-                                             notification=False, streaming_put=True)
+                                             notification=False, streaming_put=True,
+                                             doorbell=self._shared.capabilities.doorbell)
             self._state: Optional[_State] = None
         else:
             self._state = _state(self.name)
@@ -101,6 +104,10 @@ class MemoryAdapter(BlobAdapter):
         st = self._state
         assert st is not None, "a shared memory store keeps no in-process state"
         return st
+
+    def close(self) -> None:
+        if self._shared:
+            self._shared.close()
 
     def describe(self) -> str:
         return f"memory://{self.name}" + ("?shared=true" if self._shared else "")
@@ -177,17 +184,18 @@ class MemoryAdapter(BlobAdapter):
         return self._shared.sweep(prefix) if self._shared else 0
 
     # -- notification and counter -------------------------------------------------------
-    def notify(self, channel: str, message: bytes = b"") -> None:
+    def notify(self, channel: str, message: bytes = b"") -> Optional[bool]:
         if self._shared:
-            return super().notify(channel, message)
+            return self._shared.notify(channel, message)
         st = self._local()
         with st.lock:
             st.tokens.setdefault(channel, []).append(bytes(message))
             st.lock.notify_all()
+        return True
 
     def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         if self._shared:
-            return super().wait(channel, timeout)
+            return self._shared.wait(channel, timeout)
         st = self._local()
         with st.lock:
             if not st.tokens.get(channel):

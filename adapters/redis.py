@@ -61,7 +61,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
@@ -711,7 +711,14 @@ class RedisAdapter(BlobAdapter):
         return () if ttl is None else (b"PX", int((ttl + extra) * 1000))
 
     # -- put --------------------------------------------------------------------------------
-    def put(self, key, chunks: Iterable, mode=PutMode.OVERWRITE) -> int:
+    def put_notify(self, key: str, chunks: Iterable, messages) -> tuple[int, builtins.list[bool]]:
+        """On one server, the announcements go in the put's own transaction: one round trip."""
+        if not isinstance(self.router, _SingleRouter) or not self.capabilities.notification:
+            return super().put_notify(key, chunks, messages)
+        pairs = [(self.keys.channel(ch), bytes(m)) for ch, m in messages]
+        return self.put(key, chunks, PutMode.OVERWRITE, _notify=pairs), [True] * len(pairs)
+
+    def put(self, key, chunks: Iterable, mode=PutMode.OVERWRITE, _notify=()) -> int:
         rkey = self.keys.record(key)
         cs = self.config.chunk_size
         version = os.urandom(8).hex().encode()
@@ -755,7 +762,7 @@ class RedisAdapter(BlobAdapter):
                 header = Header(_INLINE, version, size, cs, 0)
                 payload, plen = held, held_len
             try:
-                old = s.commit(rkey, header, payload, plen, mode, key)
+                old = s.commit(rkey, header, payload, plen, mode, key, _notify)
             except AlreadyExistsError:
                 if sent:
                     s.unlink_quietly(self.keys.chunks(rkey, version, sent))
@@ -872,7 +879,7 @@ class RedisAdapter(BlobAdapter):
         return list(found.values())
 
     # -- notification and counter ---------------------------------------------------------------
-    def notify(self, channel: str, message: bytes = b"") -> None:
+    def notify(self, channel: str, message: bytes = b"") -> Optional[bool]:
         if not self.capabilities.notification:
             return super().notify(channel, message)
         ch = self.keys.channel(channel)
@@ -887,6 +894,28 @@ class RedisAdapter(BlobAdapter):
         # Safe to repeat: a receiver keeps the keys it is told about in a set, so a message
         # delivered twice (the reply of a first attempt lost) is harmless.
         self._retry.call(once, idempotent=True)
+        return True
+
+    def notify_many(self, messages) -> builtins.list[bool]:
+        if not self.capabilities.notification:
+            return super().notify_many(messages)
+        groups: dict[int, tuple[Any, list]] = {}
+        for channel, message in messages:
+            ch = self.keys.channel(channel)
+            pool = self.router.pool_for(ch)
+            groups.setdefault(id(pool), (pool, []))[1].append((ch, channel, bytes(message)))
+        for pool, items in groups.values():
+            def once(pool=pool, items=items):
+                with self._session(items[0][0], "notify", items[0][1], pool=pool) as s:
+                    p = Packer()
+                    for ch, _, message in items:
+                        p.command(b"RPUSH", ch, message)
+                        if self.config.ttl is not None:
+                            p.command(b"PEXPIRE", ch, int(self.config.ttl * 1000))
+                    s.batch(p)
+            # Safe to repeat, as notify.
+            self._retry.call(once, idempotent=True)
+        return [True] * len(messages)
 
     def wait(self, channel: str, timeout: float) -> builtins.list:
         """BLPOP for the first message, then take the rest in one transaction (LRANGE + DEL),
@@ -1072,8 +1101,9 @@ class _Session:
         self._replies(n)
 
     def commit(self, rkey: bytes, header: Header, payload: list, plen: int, mode: PutMode,
-               key: str) -> Optional[Header]:
-        """Publish the record; return the header it replaced (None if there was none)."""
+               key: str, notify: Sequence[tuple[bytes, bytes]] = ()) -> Optional[Header]:
+        """Publish the record; return the header it replaced (None if there was none).
+        ``notify``: (channel, message) pairs pushed in the same transaction (one server only)."""
         value = [memoryview(header.pack())] + payload
         p = Packer()
         if mode is PutMode.CREATE:
@@ -1086,6 +1116,10 @@ class _Session:
             p.command(b"GETRANGE", rkey, 0, HEADER_SIZE - 1)
             p.command(b"SET", rkey, payload=value, payload_len=HEADER_SIZE + plen,
                       tail=self.a._px())
+            for ch, message in notify:
+                p.command(b"RPUSH", ch, message)
+                if self.a.config.ttl is not None:
+                    p.command(b"PEXPIRE", ch, int(self.a.config.ttl * 1000))
             p.command(b"EXEC")
         n = p.commands
         self.commit_unknown = True

@@ -6,6 +6,7 @@ for operations the caller declares idempotent.  Only ``ThrottledError`` and ``Tr
 from __future__ import annotations
 
 import random
+import time
 from typing import Callable, Iterator, TypeVar
 
 import tenacity
@@ -24,6 +25,14 @@ def call(fn: Callable[[], T], *, idempotent: bool, attempts: int, base: float, c
     """Run ``fn``; retry it on a retryable error if ``idempotent``; re-raise the last error."""
     if not idempotent or attempts <= 1:
         return fn()
+    # The first attempt runs bare (a collective makes thousands of small calls: the retry
+    # machinery is only built once one has failed).
+    try:
+        return fn()
+    except BaseException as exc:
+        if not _retryable(exc):
+            raise
+        first = exc
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         # Only called after a failed attempt, so the outcome holds an exception.
@@ -31,8 +40,11 @@ def call(fn: Callable[[], T], *, idempotent: bool, attempts: int, base: float, c
         if on_retry is not None and exc is not None:
             on_retry(exc)
 
+    if on_retry is not None:
+        on_retry(first)
+    time.sleep(random.uniform(0, min(cap, base)))
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(attempts),
+        stop=tenacity.stop_after_attempt(attempts - 1),
         wait=tenacity.wait_random_exponential(multiplier=base, max=cap),
         retry=tenacity.retry_if_exception(_retryable),
         before_sleep=before_sleep,

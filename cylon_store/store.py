@@ -9,6 +9,7 @@ worker process or a Lambda.
 from __future__ import annotations
 
 import builtins
+import re
 import threading
 import uuid
 from typing import Iterable, Optional, Union
@@ -27,6 +28,9 @@ from .registry import adapter_class, option_classes_of_other_schemes
 MAX_KEY_BYTES = 1024
 
 ArrowData = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch]]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def validate_key(key, *, backend: str = "", op: str = "") -> str:
@@ -49,15 +53,17 @@ def validate_key(key, *, backend: str = "", op: str = "") -> str:
         raise bad("absolute path (keys are relative to the store)")
     if key.endswith("/"):
         raise bad("trailing '/'")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL.search(key):
         raise bad("NUL or control character")
     if "\\" in key:
         raise bad("backslash (use '/' to separate key segments)")
-    for seg in key.split("/"):
-        if seg == "":
-            raise bad("empty segment ('//')")
-        if seg in (".", ".."):
-            raise bad(f"'{seg}' segment")
+    if "//" in key or key.startswith("./") or key.startswith("../") or "/./" in key \
+            or "/../" in key or key.endswith("/.") or key.endswith("/..") or key in (".", ".."):
+        for seg in key.split("/"):
+            if seg == "":
+                raise bad("empty segment ('//')")
+            if seg in (".", ".."):
+                raise bad(f"'{seg}' segment")
     return key
 
 
@@ -70,7 +76,7 @@ def _could_start_a_key(prefix: str) -> bool:
             return False
     except UnicodeEncodeError:
         return False
-    if prefix.startswith("/") or "\\" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+    if prefix.startswith("/") or "\\" in prefix or _CONTROL.search(prefix):
         return False
     # Every segment but the last is complete, so it must be a valid segment.
     return not any(seg in ("", ".", "..") for seg in prefix.split("/")[:-1])
@@ -270,11 +276,28 @@ class Store:
         self._stats.count("list")
         return sorted(metas, key=lambda m: m.key)
 
-    def put_bytes(self, key: str, data, *, mode: Union[str, PutMode] = "overwrite") -> int:
-        """Raw bytes (no Arrow framing); used for control records and by the communicator."""
+    def put_bytes(self, key: str, data, *, mode: Union[str, PutMode] = "overwrite",
+                  notify: Optional[builtins.list[tuple[str, bytes]]] = None) -> int:
+        """Raw bytes (no Arrow framing); used for control records and by the communicator.
+        ``notify``: (channel, message) pairs announced once the object is written (in the same
+        round trip where the backend can: Redis); overwrite only."""
         validate_key(key, backend=self.scheme, op="put")
         mode = self._check_mode(_mode(mode), key)
         chunks = data if isinstance(data, (list, tuple)) else [data]
+        if notify:
+            if mode is not PutMode.OVERWRITE:
+                raise ConfigError("put_bytes(notify=...) overwrites; create-if-absent cannot "
+                                  "announce in the same request")
+            pairs = [(validate_key(ch, backend=self.scheme, op="notify"), bytes(m))
+                     for ch, m in notify]
+            self._require_notify("notify", pairs[0][0])
+            # Retried as a whole (idempotent: a receiver keeps announced keys in a set).
+            written, _ = self._retrying(lambda: self.adapter.put_notify(key, chunks, pairs),
+                                        idempotent=True)
+            self._stats.count("put")
+            self._stats.count("notify", len(pairs))
+            self._stats.sent(written)
+            return written
         written = self._retrying(lambda: self.adapter.put(key, chunks, mode),
                                  idempotent=mode is PutMode.OVERWRITE)
         self._stats.count("put")
@@ -305,15 +328,27 @@ class Store:
         """Leave ``message`` on ``channel`` for a ``wait`` (backends with ``notification``).
         Not retried: a second delivery would duplicate the message."""
         validate_key(channel, backend=self.scheme, op="notify")
-        self._require("notification", "notify", channel)
+        self._require_notify("notify", channel)
         self.adapter.notify(channel, bytes(message))
         self._stats.count("notify")
+
+    def notify_many(self, messages: Iterable[tuple[str, bytes]]) -> builtins.list[bool]:
+        """``notify`` of several ``(channel, message)`` pairs, in one round trip where the
+        backend has them (Redis); for each, whether it was delivered (only a ``doorbell`` can
+        tell that it was not: nobody listening on this machine).  Not retried, as ``notify``."""
+        pairs = [(validate_key(ch, backend=self.scheme, op="notify"), bytes(m)) for ch, m in messages]
+        if not pairs:
+            return []
+        self._require_notify("notify", pairs[0][0])
+        delivered = self.adapter.notify_many(pairs)
+        self._stats.count("notify", len(pairs))
+        return delivered
 
     def wait(self, channel: str, timeout: float) -> builtins.list[bytes]:
         """Take every message on ``channel``, blocking up to ``timeout`` s for the first; ``[]``
         on timeout. Not retried: the messages taken by a failed attempt may be gone."""
         validate_key(channel, backend=self.scheme, op="wait")
-        self._require("notification", "wait", channel)
+        self._require_notify("wait", channel)
         if not isinstance(timeout, (int, float)) or timeout < 0:
             raise ConfigError(f"wait timeout must be a number of seconds >= 0, got {timeout!r}")
         got = self.adapter.wait(channel, float(timeout))
@@ -346,6 +381,11 @@ class Store:
         n = self._retrying(lambda: self.adapter.sweep(prefix), idempotent=True)
         self._stats.count("sweep")
         return n
+
+    def _require_notify(self, op: str, key: str) -> None:
+        caps = self.adapter.capabilities
+        if not (caps.notification or caps.doorbell):
+            self._require("notification", op, key)
 
     def _require(self, capability: str, op: str, key: str) -> None:
         if not getattr(self.adapter.capabilities, capability):

@@ -145,7 +145,14 @@ def test_optional_abilities_go_through_the_facade():
         assert s.stats()["requests"]["notify"] == 1 and s.stats()["requests"]["incr"] == 2
         with pytest.raises(cs.ConfigError):
             s.wait("_cylon/chan", -1)
-    with cs.open_store("memory://t-facade-shared?shared=true") as s:  # shared memory: no notification
+    with cs.open_store("memory://t-facade-shared?shared=true") as s:  # shared memory: doorbells
+        assert s.capabilities.doorbell and not s.capabilities.notification
+        assert s.wait("_cylon/chan", 0) == []          # listening from here on
+        assert s.notify_many([("_cylon/chan", b"m"), ("_cylon/nobody", b"x")]) == [True, False]
+        assert s.wait("_cylon/chan", 1.0) == [b"m"]
+        with pytest.raises(cs.NotSupportedError, match="atomic_counter"):
+            s.incr("_cylon/n")
+    with cs.open_store("memory://t-facade-shared2?shared=true&doorbell=false") as s:
         with pytest.raises(cs.NotSupportedError, match="notification"):
             s.notify("_cylon/chan")
 

@@ -621,6 +621,17 @@ def check_capabilities(make_url: MakeUrl, capabilities: Optional[cs.Capabilities
                 adapter.notify("cap-ch", m)
             assert adapter.wait("cap-ch", 0) == [b"a/1", b"b", b"a/1"]
             assert adapter.wait("cap-ch", 0) == []
+        elif caps.doorbell:
+            # Doorbells reach the listeners of this machine; the first wait starts listening.
+            assert adapter.wait("cap-ch", 0) == []
+            assert adapter.notify("cap-ch", b"a/1") is not False
+            adapter.notify("cap-ch", b"b")
+            assert adapter.wait("cap-ch", 5.0) == [b"a/1", b"b"]
+            assert adapter.wait("cap-ch", 0.01) == []
+            # Nobody listens: the doorbell is not delivered, and says so.
+            assert adapter.notify("cap-nobody", b"x") is False
+            assert adapter.notify_many([("cap-ch", b"c"), ("cap-nobody", b"x")]) == [True, False]
+            assert adapter.wait("cap-ch", 1.0) == [b"c"]
         else:
             raises(cs.NotSupportedError, adapter.notify, "cap-ch")
             raises(cs.NotSupportedError, adapter.wait, "cap-ch", 0.01)
