@@ -113,10 +113,11 @@ def check_schema(reference: Optional[pa.Schema], ref_rank: Optional[int],
 
 
 def assemble(what: str, seq: int, rank: int, world_size: int, own_schema: Optional[pa.Schema],
-             own: Optional[pa.Table], received: dict) -> list[pa.Table]:
+             own: Optional[pa.Table], received: dict, check: bool = True) -> list[pa.Table]:
     """Results in rank order.  The reference schema is this rank's (or the first sender's, in
-    rank order); every received schema must equal it.  Since every rank sees every other
-    rank's schema in an exchange or allgather, a mismatch is raised on every rank."""
+    rank order); every received schema must equal it (unless not ``check``).  Since every rank
+    sees every other rank's schema in an exchange or allgather, a mismatch is raised on every
+    rank."""
     ref_schema, ref_rank = own_schema, (rank if own_schema is not None else None)
     for src in sorted(received):
         t = received[src]
@@ -124,7 +125,8 @@ def assemble(what: str, seq: int, rank: int, world_size: int, own_schema: Option
             ref_schema, ref_rank = t.schema, src
     for src in sorted(received):
         t = received[src]
-        check_schema(ref_schema, ref_rank, t.schema if t is not None else None, src, seq, what)
+        if check:
+            check_schema(ref_schema, ref_rank, t.schema if t is not None else None, src, seq, what)
     out = []
     for s in range(world_size):
         t = own if s == rank else received.get(s)
@@ -153,16 +155,29 @@ class Communicator(abc.ABC):
     _failed: Optional[BaseException] = None
     _closed: bool = False
     _seq: int = 0
+    #: False during ``exchange(..., check_schemas=False)``.
+    _check_schemas: bool = True
     #: Set by a launcher that runs ranks as threads: a failed sibling ends our waits now.
     cancel_event: Any = None
 
     # -- the public collectives: checks and sequencing here, the work in the hooks ------------
-    def exchange(self, parts: Sequence[Optional[pa.Table]]) -> list[pa.Table]:
+    def exchange(self, parts: Sequence[Optional[pa.Table]], *,
+                 check_schemas: bool = True) -> list[pa.Table]:
         """All-to-all: ``parts[d]`` goes to rank d; ``result[s]`` came from rank s.  None or an
-        empty table is allowed; an empty result still carries the schema."""
+        empty table is allowed; an empty result still carries the schema.
+
+        ``check_schemas=False``: ranks may send parts of different schemas (each rank's parts
+        still share one); every result keeps its sender's schema and metadata.  The kernel
+        uses it to check its inputs inside the exchange that moves them."""
         seq = self._next("exchange")
         schema, parts = normalize_parts(parts, self.world_size, self.rank)
-        return self._run("exchange", seq, lambda: self._exchange_impl(seq, schema, parts))
+        if check_schemas:
+            return self._run("exchange", seq, lambda: self._exchange_impl(seq, schema, parts))
+        self._check_schemas = False
+        try:
+            return self._run("exchange", seq, lambda: self._exchange_impl(seq, schema, parts))
+        finally:
+            self._check_schemas = True
 
     def allgather(self, table: Optional[pa.Table]) -> list[pa.Table]:
         seq = self._next("allgather")
@@ -222,6 +237,10 @@ class Communicator(abc.ABC):
     def _barrier_impl(self, seq: int) -> None:
         ...
 
+    def _final_barrier(self, seq: int) -> None:
+        """The barrier of ``close`` (a communicator may need a different one there)."""
+        self._barrier_impl(seq)
+
     @abc.abstractmethod
     def _release(self, healthy: bool) -> None:
         """Delete what this rank left behind and free its resources (``healthy``: every rank
@@ -277,7 +296,8 @@ class Communicator(abc.ABC):
         first_error = None
         if self._failed is None:
             try:
-                self.barrier()
+                seq = self._next("barrier")
+                self._run("barrier", seq, lambda: self._final_barrier(seq))
             except BaseException as exc:  # still release, then report
                 first_error = exc
         self._closed = True

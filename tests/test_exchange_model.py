@@ -64,7 +64,11 @@ def counted_exchange(store, world, strategy, plan) -> dict:
 
 @pytest.mark.parametrize("strategy, world", [(s, w) for s in ("direct", "combined", "twolevel")
                                               for w in (2, 3, 8, 16) if (s, w) != ("direct", 16)])
-def test_requests_equal_model(store_url, strategy, world):
+def test_requests_equal_model(store_url, strategy, world, monkeypatch):
+    # The model counts storage requests: announcements that carry small data (sparing the
+    # reads, or on local doorbells the write too) are turned off.
+    import cylon_store.store_comm as comm_mod
+    monkeypatch.setattr(comm_mod, "INLINE_MAX", -1)
     store = cs.open_store(store_url)
     counted = counted_exchange(store, world, strategy, rows_plan(world, "uniform", scale=5))
     model = request_model(world, strategy)
@@ -116,6 +120,7 @@ def test_header_read_when_sizes_do_not_fit_the_key(monkeypatch, strategy):
     """A key too long for the size tag: receivers read the header range first (2 GETs a slot)."""
     import cylon_store.store_comm as comm_mod
     monkeypatch.setattr(comm_mod, "MAX_KEY_BYTES", 40)
+    monkeypatch.setattr(comm_mod, "INLINE_MAX", -1)
     store = cs.open_store("memory://")
     counted = counted_exchange(store, 5, strategy, rows_plan(5, "uniform", scale=5))
     model = request_model(5, strategy, tags=False)

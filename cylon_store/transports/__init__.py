@@ -174,7 +174,8 @@ class DirectCommunicator(Communicator):
                                       (empty_like(schema) if schema is not None else None))
                 for d in range(self.world_size)]
         received = self._exchange(seq, wire)
-        out = assemble("exchange", seq, me, self.world_size, schema, parts[me], received)
+        out = assemble("exchange", seq, me, self.world_size, schema, parts[me], received,
+                       check=self._check_schemas)
         self.stats["exchanges"] += 1
         self.stats["rows_sent"] += sum(t.num_rows for d, t in enumerate(wire) if t is not None)
         self.stats["rows_received"] += sum(t.num_rows for s, t in enumerate(out) if s != me)
