@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from .types import take
+
 __all__ = ["hash_array", "hash_columns", "destinations", "split_by_destination",
            "hash_partition", "hashable_type", "HASH_VERSION"]
 
@@ -313,7 +315,7 @@ def split_by_destination(table: pa.Table, dest: np.ndarray, world_size: int) -> 
         empty = table.slice(0, 0)
         return [table if d in busy else empty for d in range(world_size)]
     order = np.argsort(dest, kind="stable")
-    ordered = table.take(pa.array(order))
+    ordered = take(table, pa.array(order))   # any type (views have no take kernel)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return [ordered.slice(int(s), int(c)) for s, c in zip(starts, counts)]
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import types
 from ._common import (KernelError, KeyTypeError, column_list, exchange_tables, preflight,
                       table_from_bytes, table_to_bytes)
 
@@ -62,13 +63,9 @@ def normalize_sort_keys(by, null_placement: str = "at_end") -> list[tuple[str, s
 
 
 def _key_table(table: pa.Table, keys) -> pa.Table:
-    """The sort-key columns, dictionaries decoded (Arrow sorts their values, not their codes)."""
-    cols = []
-    for name, _, _ in keys:
-        col = table.column(name)
-        if pa.types.is_dictionary(col.type):
-            col = col.cast(col.type.value_type)
-        cols.append(col)
+    """The sort-key columns, dictionaries decoded (Arrow sorts their values, not their codes),
+    types Arrow cannot sort as an equivalent it can (``types.sort_key``)."""
+    cols = [types.sort_key(table.column(name)) for name, _, _ in keys]
     return pa.Table.from_arrays(cols, names=[f"k{i}" for i in range(len(keys))])
 
 
@@ -149,7 +146,7 @@ def sort(comm, table, by, *, null_placement: str = "at_end",
     else:
         order, bounds = _range_bounds(kt, splitters, keys, me, n)
     # The table moves in sorted order, so every part is a sorted run.
-    ordered = t.take(pa.array(order))
+    ordered = types.take(t, pa.array(order))
     edges = np.concatenate([[0], bounds, [n]])
     parts = [ordered.slice(int(edges[d]), int(edges[d + 1] - edges[d])) for d in range(P)]
     received = exchange_tables(comm, parts)
@@ -295,8 +292,8 @@ def _local_sort(t: pa.Table, kt: pa.Table, keys) -> pa.Table:
         order = np.argsort(fast, kind="stable")
         if t.num_columns and t.column(0).num_chunks > 1:
             t = t.combine_chunks()   # one copy; a take from a single chunk is much faster
-        return t.take(order)
-    return t.take(sort_indices(kt, _sort_keys(keys, False)))
+        return types.take(t, order)
+    return types.take(t, sort_indices(kt, _sort_keys(keys, False)))
 
 
 def _sample(kt: pa.Table, rank: int, want: int) -> pa.Table:
