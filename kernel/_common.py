@@ -1,9 +1,14 @@
-"""What every operator shares: its errors, argument checks, and the collective preflight.
+"""What every operator shares: its errors, argument checks, and the collective agreement.
 
-The preflight is one allgather of a one-row table per rank (error, schemas, row counts, sizes,
-an optional payload such as sort samples, and a fingerprint of the arguments).  Every rank
-decides from the same gathered rows, so either every rank raises the same error or none does,
+Every rank checks its inputs and arguments locally, then all ranks agree on the verdict from
+the same records (error, schemas, row counts, sizes, an optional payload such as sort samples,
+and a fingerprint of the arguments), so either every rank raises the same error or none does,
 and no rank is ever left waiting in an exchange that another rank skipped.
+
+The records travel inside the operator's own data exchange (``agreed_exchange``: in the schema
+metadata of each part, so a join, groupby, shuffle, unique or set operation is one round), or
+in an allgather before it (``preflight``) where the data's destinations depend on every rank's
+answer: the sort's samples, the repartition's row counts, the join's broadcast decision.
 """
 
 from __future__ import annotations
@@ -11,13 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import msgpack
 import pyarrow as pa
 
 from ..errors import ConfigError
 from . import partition
 
 __all__ = ["KernelError", "ColumnNotFoundError", "KeyTypeError", "UnsupportedAggregationError",
-           "RankMismatchError", "preflight", "Preflight", "column_list", "exchange_tables"]
+           "RankMismatchError", "preflight", "Preflight", "agreed_exchange", "Agreed", "column_list",
+           "exchange_tables"]
 
 
 class KernelError(ConfigError):
@@ -198,6 +205,139 @@ def preflight(comm, op: str, inputs: Sequence[tuple[str, Any]], args: Any = None
                      gathered["payload"], tables, local)
 
 
+#: Schema metadata key of the agreement record a part carries (``agreed_exchange``).
+AGREE_KEY = b"cylon.agree"
+
+
+@dataclass
+class Agreed(Preflight):
+    """A ``Preflight`` whose records came with the data: ``received[i]`` is this rank's share
+    of exchanged table i (every rank's part for it, in source-rank order)."""
+
+    received: list[pa.Table]
+    #: pieces[i][s]: what rank s sent this rank of table i (None: s passed None or failed).
+    pieces: list[list[Optional[pa.Table]]]
+
+
+def agreed_exchange(comm, op: str, inputs: Sequence[tuple[str, Any]], args: Any,
+                    prepare: Callable[[list[pa.Table]], tuple[Any, Optional[bytes]]],
+                    split: Callable[[Any, list[pa.Table]], list[list[pa.Table]]]) -> Agreed:
+    """Check and prepare this rank's inputs, then move them in one exchange that also carries
+    every rank's agreement record: the same verdict as ``preflight`` on every rank, without its
+    round.
+
+    ``split(local, tables)``: per table to exchange, its part for each rank (several tables
+    travel nested in one exchange, see ``_nest``).  A rank whose checks failed, or that passed
+    None for an input, sends its record alone (a table without columns); after the verdict,
+    a rank that passed None prepares and splits empty tables of the agreed schemas, so its
+    share has the right schema even when no rank sent rows.  ``world_size == 1``: the checks
+    only, ``received`` is the split's own part.
+    """
+    me, P = comm.rank, comm.world_size
+    if P == 1:
+        pf = preflight(comm, op, inputs, args, prepare)
+        own = [parts[0] for parts in split(pf.local, pf.tables)]
+        return Agreed(pf.schemas, pf.rows, pf.nbytes, pf.payloads, pf.tables, pf.local, own,
+                      [[t] for t in own])
+    fingerprint = repr((op, partition.HASH_VERSION, args))
+    error: Optional[BaseException] = None
+    tables: list[Optional[pa.Table]] = []
+    local, payload, parts = None, None, None
+    try:
+        tables = [as_input(t, f"{op}: {name}") for name, t in inputs]
+        if all(t is not None for t in tables):
+            local, payload = prepare(tables)
+            parts = split(local, tables)    
+    except Exception as exc:  # reported to every rank below
+        error, parts = exc, None
+    given = tables + [None] * (len(inputs) - len(tables))
+    record = msgpack.packb({
+        "args": fingerprint,
+        "error_kind": None if error is None else _kind(error),
+        "error_msg": None if error is None else _message(error),
+        "payload": payload,
+        "schemas": [_schema_bytes(t.schema if t is not None else None) for t in given],
+        "rows": [t.num_rows if t is not None else 0 for t in given],
+        "bytes": [t.nbytes if t is not None else 0 for t in given],
+    })
+    if parts is None:
+        wire = [pa.table({}) for _ in range(P)]
+    elif len(parts) == 1:
+        wire = list(parts[0])
+    else:
+        wire = [_nest([p[d].slice(0, 0) if d == me else p[d] for p in parts]) for d in range(P)]
+    wire = [_with_record(t, record) for t in wire]
+    received = comm.exchange(wire, check_schemas=False)
+    records = []
+    for r in range(P):
+        meta = {AGREE_KEY: record} if r == me else (received[r].schema.metadata or {})
+        if AGREE_KEY not in meta:
+            raise KernelError(f"{op}: rank {r} sent data without its agreement record (a rank "
+                              f"running another version of cylon-store?)")
+        records.append(msgpack.unpackb(meta[AGREE_KEY]))
+    gathered: dict[str, list] = {k: [rec[k] for rec in records]
+                                 for k in ("args", "error_kind", "error_msg", "payload")}
+    for i in range(len(inputs)):
+        gathered[f"schema{i}"] = [rec["schemas"][i] for rec in records]
+        gathered[f"rows{i}"] = [rec["rows"][i] for rec in records]
+        gathered[f"bytes{i}"] = [rec["bytes"][i] for rec in records]
+    try:
+        schemas = _agree(op, inputs, gathered, P)
+    except KernelError as exc:
+        # Every rank raises.  First make sure every rank has read what it was sent: a rank that
+        # leaves a ``with connect(...)`` block on an error removes what it wrote.
+        comm.barrier()
+        if error is not None:
+            raise exc from error
+        raise
+    if any(t is None for t in tables):
+        tables = [t if t is not None else schemas[i].empty_table() for i, t in enumerate(tables)]
+        local, payload = prepare(tables)
+        parts = split(local, tables)
+    assert parts is not None
+    k = len(parts)
+
+    def unpack(t: pa.Table, i: int, schema: pa.Schema) -> Optional[pa.Table]:
+        if t.num_columns == 0:
+            return None   # a rank that passed None: no rows
+        if k == 1:
+            return _without_record(t)
+        got = _unnest(t, i, schema)
+        return got[0] if len(got) == 1 else pa.concat_tables(got) if got else schema.empty_table()
+
+    by_source = [[p[me] if s == me else unpack(received[s], i, p[me].schema) for s in range(P)]
+                 for i, p in enumerate(parts)]
+    # A rank that passed None for one input but rows for another could not split them before
+    # it knew the missing input's schema: it sends them now, in a second exchange.
+    late = [r for r in range(P)
+            if received[r].num_columns == 0 and any(gathered[f"rows{i}"][r] for i in range(len(inputs)))]
+    if late:
+        out = parts if me in late else [[t.slice(0, 0) for t in p] for p in parts]
+        wire = out[0] if k == 1 else [_nest([p[d].slice(0, 0) if d == me else p[d] for p in out])
+                                      for d in range(P)]
+        again = comm.exchange(wire)
+        for i, p in enumerate(parts):
+            for r in late:
+                by_source[i][r] = p[me] if r == me else unpack(again[r], i, p[me].schema)
+    shares = []
+    for pieces in by_source:
+        present = [t for t in pieces if t is not None]
+        shares.append(pa.concat_tables(present) if len(present) > 1 else present[0])
+    return Agreed(schemas,
+                  [gathered[f"rows{i}"] for i in range(len(inputs))],
+                  [gathered[f"bytes{i}"] for i in range(len(inputs))],
+                  gathered["payload"], tables, local, shares, by_source)
+
+
+def _with_record(table: pa.Table, record: bytes) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), AGREE_KEY: record})
+
+
+def _without_record(table: pa.Table) -> pa.Table:
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != AGREE_KEY}
+    return table.replace_schema_metadata(meta or None)
+
+
 def _agree(op, inputs, gathered, P) -> list[pa.Schema]:
     """The collective verdict from the gathered rows: the first rank's error, different
     arguments or schemas between ranks; else the agreed schema of each input."""
@@ -258,7 +398,8 @@ def _nest(tables: list[pa.Table]) -> pa.Table:
     of all destinations share it and travel in one ordinary exchange."""
     cols = []
     for t in tables:
-        arrays = [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in t.columns]
+        arrays = [c.chunk(0) if c.num_chunks == 1 else
+                  c.combine_chunks() if c.num_chunks else pa.nulls(0, c.type) for c in t.columns]
         rows = pa.StructArray.from_arrays(arrays, fields=[f.remove_metadata() for f in t.schema])
         cols.append(pa.LargeListArray.from_arrays(pa.array([0, t.num_rows], pa.int64()), rows))
     return pa.Table.from_arrays(cols, names=[_NESTED.format(i) for i in range(len(tables))])

@@ -13,7 +13,6 @@ gives for the same request.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import partition
-from ._common import (KernelError, KeyTypeError, UnsupportedAggregationError, check_hashable,
-                      column_list, exchange_tables, preflight)
+from . import partition, types
+from ._common import (KernelError, KeyTypeError, UnsupportedAggregationError, agreed_exchange,
+                      check_hashable, column_list)
 
 __all__ = ["groupby", "AGGREGATIONS"]
 
@@ -143,19 +142,17 @@ def _trial(schema: pa.Schema, by, norm) -> tuple[pa.Table, list]:
     spec = []
     for col, f, opts in norm:
         t = schema.field(col).type if col is not None else None
-        if t is not None and pa.types.is_null(t) and f not in ("count", "count_all"):
+        if t is not None and pa.types.is_null(t) and f not in ("count", "count_all", "min", "max",
+                                                               "first", "last"):
             raise UnsupportedAggregationError(f"groupby: {f} of column {col!r} of type null")
         if f in ("mean", "std", "var", "stddev", "variance") and t is not None and not (
                 pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
                 or (pa.types.is_decimal(t) and f != "mean")):
             raise UnsupportedAggregationError(f"groupby: {f} is not defined for column {col!r} "
                                               f"of type {t}")
-        if f == "count_distinct" and t is not None and pa.types.is_dictionary(t):
-            raise UnsupportedAggregationError(f"groupby: count_distinct of dictionary column "
-                                              f"{col!r}: cast it to its value type first")
         one = ([] if col is None else col, _pyarrow_func(f), _options_for(f, opts))
         try:
-            empty.group_by(by, use_threads=False).aggregate([one])
+            _aggregate(empty, by, [("v",) + one], use_threads=False)
         except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise UnsupportedAggregationError(
                 f"groupby: {f} is not supported for column {col!r} of type {t}: {exc}") from exc
@@ -175,11 +172,12 @@ _KEYS_FIRST = _keys_first()
 def _aggregate(table: pa.Table, by, specs, use_threads: bool) -> pa.Table:
     """pyarrow group_by + aggregate; output columns named by ``specs``' names, keys first."""
     names = [s[0] for s in specs]
+    table, specs, fix = types.prepare_aggregate(table, specs)
     res = table.group_by(by, use_threads=use_threads).aggregate([s[1:] for s in specs])
     k = len(by)
     cols = res.columns
     keys, vals = (cols[:k], cols[k:]) if _KEYS_FIRST else (cols[len(specs):], cols[:len(specs)])
-    return pa.Table.from_arrays(list(keys) + list(vals), names=list(by) + names)
+    return fix(pa.Table.from_arrays(list(keys) + list(vals), names=list(by) + names), names)
 
 
 class _Plan:
@@ -446,36 +444,50 @@ def groupby(comm, table, by, aggs, *, pre_aggregate="auto") -> pa.Table:
         plan.spec = spec
         if P == 1 or not keys:
             return (plan, t, None), None
-        hashes = partition.hash_columns(t, keys)
-        return (plan, t, hashes), struct.pack("<d", _estimate_distinct(hashes))
+        return (plan, t, partition.hash_columns(t, keys)), None
 
-    pf = preflight(comm, "groupby", [("table", table)], args, prepare)
-    plan, t, hashes = pf.local
+    def split(local, tables):
+        plan, t, hashes = local
+        if P == 1:
+            return [[t]]
+        if not plan.user_by:
+            # One global group: partial states meet on rank 0.
+            partial = plan.pre_aggregate(t)
+            return [[partial] + [partial.slice(0, 0)] * (P - 1)]
+        pre = pre_aggregate is True or (pre_aggregate == "auto" and t.num_rows and
+                                        _estimate_distinct(hashes) <= PRE_AGGREGATE_RATIO * t.num_rows)
+        if pre_aggregate is True:
+            return [partition.hash_partition(plan.pre_aggregate(t), plan.by, P)]
+        needed = list(dict.fromkeys(plan.by + [a.target for a in plan.aggs if a.target is not None]))
+        raw = t.select(needed)
+        if pre_aggregate is False:
+            return [partition.split_by_destination(raw, partition.destinations(hashes, P), P)]
+        # "auto": each rank decides by its own group count (no round to agree first); a rank
+        # receives partial states from some ranks and rows from others, in one exchange.
+        if pre:
+            return [partition.hash_partition(plan.pre_aggregate(t), plan.by, P),
+                    [raw.slice(0, 0)] * P]
+        return [[plan._partial_states(t.slice(0, 0))] * P,
+                partition.split_by_destination(raw, partition.destinations(hashes, P), P)]
+
+    ag = agreed_exchange(comm, "groupby", [("table", table)], args, prepare, split)
+    plan = ag.local[0]
     if P == 1:
-        return plan.direct(t)
+        return plan.direct(ag.received[0])
     if not plan.user_by:
-        # One global group: partial states meet on rank 0.
-        partial = plan.pre_aggregate(t)
-        parts = [partial] + [partial.slice(0, 0)] * (P - 1)
-        received = exchange_tables(comm, parts)
         if comm.rank != 0:
             return plan.out_schema.empty_table()
-        return plan.final(received)
-    total = pf.total_rows(0)
-    if total == 0:
-        return plan.out_schema.empty_table()
-    if hashes is None:   # this rank passed None: no rows
-        hashes = np.zeros(0, dtype=np.uint64)
-    groups = sum(struct.unpack("<d", b)[0] for b in pf.payloads if b is not None)
-    pre = pre_aggregate is True or (pre_aggregate == "auto"
-                                    and groups <= PRE_AGGREGATE_RATIO * total)
-    if pre:
-        partial = plan.pre_aggregate(t)
-        return plan.final(exchange_tables(comm, partition.hash_partition(partial, plan.by, P)))
-    needed = list(dict.fromkeys(plan.by + [a.target for a in plan.aggs if a.target is not None]))
-    t = t.select(needed)
-    parts = partition.split_by_destination(t, partition.destinations(hashes, P), P)
-    return plan.direct(exchange_tables(comm, parts))
+        return plan.final(ag.received[0])
+    if pre_aggregate is True:
+        return plan.final(ag.received[0])
+    if pre_aggregate is False:
+        return plan.direct(ag.received[0])
+    partials, rows = ag.received
+    if partials.num_rows == 0:
+        return plan.direct(rows)
+    if rows.num_rows:
+        partials = pa.concat_tables([partials, plan.pre_aggregate(rows)])
+    return plan.final(partials)
 
 
 #: Pre-aggregate when the ranks' local group counts add up to at most this share of the rows.

@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import partition
-from ._common import (KernelError, KeyTypeError, check_hashable, column_list, exchange_many,
-                      preflight)
+from . import types as _types
+from ._common import (KernelError, KeyTypeError, agreed_exchange, check_hashable, column_list,
+                      exchange_many, preflight)
 
 __all__ = ["join", "local_join", "BROADCAST_THRESHOLD"]
 
@@ -58,6 +59,9 @@ def _common_type(lt: pa.DataType, rt: pa.DataType, lname: str, rname: str) -> pa
     if pa.types.is_dictionary(lt) or pa.types.is_dictionary(rt):
         return _common_type(lt.value_type if pa.types.is_dictionary(lt) else lt,
                             rt.value_type if pa.types.is_dictionary(rt) else rt, lname, rname)
+    if _types.compute_type(lt) != lt or _types.compute_type(rt) != rt:
+        # views: pyarrow unifies none with another type; their large variants it does
+        return _common_type(_types.compute_type(lt), _types.compute_type(rt), lname, rname)
     try:
         unified = pa.unify_schemas([pa.schema([("k", lt)]), pa.schema([("k", rt)])],
                                    promote_options="permissive")
@@ -88,7 +92,7 @@ def _cast_keys(table: pa.Table, names: Sequence[str], types: Sequence[pa.DataTyp
         i = table.schema.get_field_index(name)
         if table.schema.field(i).type != t:
             try:
-                table = table.set_column(i, name, table.column(i).cast(t))
+                table = table.set_column(i, name, _types.cast(table.column(i), t))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise KeyTypeError(f"join: {side} key {name!r} cannot be cast to {t}: {exc}") from exc
     return table
@@ -134,7 +138,22 @@ def _output_names(left: pa.Schema, right: pa.Schema, lk, rk, how, suffixes):
 
 def local_join(left: pa.Table, right: pa.Table, lk: Sequence[str], rk: Sequence[str], how: str,
                suffixes=("", "_right"), *, use_threads: bool = True) -> pa.Table:
-    """Single-process join with this module's semantics (keys already of equal types)."""
+    """Single-process join with this module's semantics (keys already of equal types).
+
+    Columns of types Acero cannot take (views, also nested) join as their equivalent
+    (``_types.join_type``) and come back in their own type."""
+    L, R = _types.to_join(left), _types.to_join(right)
+    out = _local_join(L, R, lk, rk, how, suffixes, use_threads=use_threads)
+    if L is left and R is right:
+        return out
+    merged = {r for l, r in zip(lk, rk) if l == r}
+    rnames = [] if how in ("semi", "anti") else [n for n in right.column_names if n not in merged]
+    return _types.restore(out, list(left.schema.types)
+                         + [right.schema.field(n).type for n in rnames])
+
+
+def _local_join(left: pa.Table, right: pa.Table, lk: Sequence[str], rk: Sequence[str], how: str,
+                suffixes=("", "_right"), *, use_threads: bool = True) -> pa.Table:
     out_l, rnames, out_r = _output_names(left.schema, right.schema, lk, rk, how, suffixes)
     # Acero renames on collisions by its own rules: give it names that cannot collide, and carry
     # columns it cannot hold (lists, structs, maps) as row numbers gathered afterwards.
@@ -186,7 +205,7 @@ def _drop_null_keys(table: pa.Table, keys: Sequence[str]) -> pa.Table:
     mask = _null_key_mask(table, keys)
     if mask is None or not mask.any():
         return table
-    return table.filter(pa.array(~mask))
+    return _types.filter_table(table, pa.array(~mask))
 
 
 def _split_side(comm, table: pa.Table, keys: Sequence[str], keep_nulls: bool) -> list[pa.Table]:
@@ -249,27 +268,94 @@ def join(comm, left, right, on=None, how: str = "inner", left_on=None, right_on=
                               f"broadcast='auto' or False")
         return (L, R, lk, rk), None
 
-    pf = preflight(comm, "join", [("left", left), ("right", right)], args, prepare)
-    L, R, lk, rk = pf.local
     P = comm.world_size
-    if P == 1:
+    allowed = _BROADCASTABLE.get(how, ())
+    keep_l, keep_r = _KEEPS.get(how, (True, True))
+    if broadcast is True:
+        # The side must be the smaller in total: sizes are agreed first (two rounds).
+        pf = preflight(comm, "join", [("left", left), ("right", right)], args, prepare)
+        L, R, lk, rk = pf.local
+        if P == 1:
+            return local_join(L, R, lk, rk, how, suffixes)
+        side = _choose_broadcast(how, pf.total_bytes(0), pf.total_bytes(1), P, broadcast,
+                                 threshold)
+        if side == "right":
+            R = pa.concat_tables(comm.allgather(_drop_null_keys(R, rk)))
+        else:
+            L = pa.concat_tables(comm.allgather(_drop_null_keys(L, lk)))
         return local_join(L, R, lk, rk, how, suffixes)
 
-    side = _choose_broadcast(how, pf.total_bytes(0), pf.total_bytes(1), P, broadcast, threshold)
-    keep_l, keep_r = _KEEPS[how]
-    if side == "right":
-        small = _drop_null_keys(R, rk)
-        R = pa.concat_tables(comm.allgather(small))
+    # One round: each rank picks a shuffle or a broadcast from its own sizes (as if every rank
+    # held as much as it does) and sends accordingly; the choices travel with the data.  When
+    # all ranks chose alike, that is the join (any uniform choice is correct; the sizes only
+    # make it fast).  When they differ (skewed sizes), a second exchange completes a shuffle.
+    def split(local, tables):
+        L, R, lk, rk = local
+        if P == 1:
+            return [[L], [R]]
+        choice = (None if broadcast is False or not allowed else
+                  _choose_broadcast(how, L.nbytes * P, R.nbytes * P, P, broadcast, threshold))
+        if choice == "right":
+            small = _drop_null_keys(R, rk)
+            return [[L if d == comm.rank else L.slice(0, 0) for d in range(P)], [small] * P]
+        if choice == "left":
+            small = _drop_null_keys(L, lk)
+            return [[small] * P, [R if d == comm.rank else R.slice(0, 0) for d in range(P)]]
+        return [_split_side(comm, L, lk, keep_l), _split_side(comm, R, rk, keep_r)]
+
+    def prepare_with_choice(tables):
+        local, _ = prepare(tables)
+        L, R = local[0], local[1]
+        choice = (None if broadcast is False or not allowed or P == 1 else
+                  _choose_broadcast(how, L.nbytes * P, R.nbytes * P, P, broadcast, threshold))
+        return local, (choice or "shuffle").encode()
+
+    ag = agreed_exchange(comm, "join", [("left", left), ("right", right)], args,
+                         prepare_with_choice, split)
+    L, R, lk, rk = ag.local
+    if P == 1:
         return local_join(L, R, lk, rk, how, suffixes)
-    if side == "left":
-        small = _drop_null_keys(L, lk)
-        L = pa.concat_tables(comm.allgather(small))
-        return local_join(L, R, lk, rk, how, suffixes)
-    if pf.total_rows(0) == 0 and pf.total_rows(1) == 0:
-        return local_join(L, R, lk, rk, how, suffixes)
-    # Both sides in one exchange round.
-    L, R = exchange_many(comm, [_split_side(comm, L, lk, keep_l), _split_side(comm, R, rk, keep_r)])
+    # A rank that passed None has no rows: its choice does not matter.
+    choices = [c.decode() if c is not None and rows else None
+               for c, rows in zip(ag.payloads, (a + b for a, b in zip(ag.rows[0], ag.rows[1])))]
+    chosen = {c for c in choices if c is not None}
+    if len(chosen) <= 1:
+        return local_join(ag.received[0], ag.received[1], lk, rk, how, suffixes)
+    L, R = _complete_shuffle(comm, ag, choices, L, R, lk, rk, keep_l, keep_r)
     return local_join(L, R, lk, rk, how, suffixes)
+
+
+def _complete_shuffle(comm, ag, choices, L, R, lk, rk, keep_l, keep_r):
+    """Ranks chose differently: turn what moved into a shuffle join's inputs.  A rank that
+    broadcast one side kept the other at home: it sends it hashed now (one more exchange);
+    from a side a rank broadcast, every rank keeps the rows that hash to it."""
+    me, P = comm.rank, comm.world_size
+    empty_l = [L.slice(0, 0)] * P
+    empty_r = [R.slice(0, 0)] * P
+    later_l = _split_side(comm, L, lk, keep_l) if choices[me] == "right" else empty_l
+    later_r = _split_side(comm, R, rk, keep_r) if choices[me] == "left" else empty_r
+    late_l, late_r = exchange_many(comm, [later_l, later_r])
+    lefts, rights = [late_l], [late_r]
+    for s in range(P):
+        got_l, got_r = ag.pieces[0][s], ag.pieces[1][s]
+        if choices[s] == "shuffle":
+            lefts.append(got_l)
+            rights.append(got_r)
+        elif choices[s] == "left":   # s sent its whole left side to everyone
+            lefts.append(_rows_for(got_l, lk, me, P))
+        elif choices[s] == "right":
+            rights.append(_rows_for(got_r, rk, me, P))
+    lefts = [t for t in lefts if t is not None]
+    rights = [t for t in rights if t is not None]
+    return pa.concat_tables(lefts), pa.concat_tables(rights)
+
+
+def _rows_for(table: Optional[pa.Table], keys, rank: int, P: int) -> Optional[pa.Table]:
+    """The rows of ``table`` (no null keys) that hash to ``rank``."""
+    if table is None or table.num_rows == 0:
+        return table
+    dest = partition.destinations(partition.hash_columns(table, keys), P)
+    return table.filter(pa.array(dest == rank))
 
 
 def _choose_broadcast(how, left_bytes, right_bytes, P, broadcast, threshold) -> Optional[str]:

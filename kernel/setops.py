@@ -13,9 +13,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from . import partition
-from ._common import (KernelError, KeyTypeError, check_hashable, column_list, exchange_tables,
-                      preflight)
+from . import partition, types
+from ._common import KernelError, KeyTypeError, agreed_exchange, check_hashable, column_list
 
 __all__ = ["unique", "union", "intersect", "difference", "local_unique"]
 
@@ -36,7 +35,7 @@ def _first_rows(table: pa.Table, cols: Sequence[str], keep: str = "first",
     """Row numbers of the first (or last) row of each distinct value of ``cols``, ascending,
     with any ``extra`` aggregations' columns alongside."""
     n = table.num_rows
-    keyed = table.select(list(cols)).append_column(_ROW, pa.array(np.arange(n, dtype=np.int64)))
+    keyed = types.unify_dictionaries(table.select(list(cols))).append_column(_ROW, pa.array(np.arange(n, dtype=np.int64)))
     for name, col in extra:
         keyed = keyed.append_column(name, col)
     func = "min" if keep == "first" else "max"
@@ -51,7 +50,7 @@ def local_unique(table: pa.Table, cols, keep: str = "first") -> pa.Table:
     if g.num_rows == table.num_rows:
         return table
     rows = np.sort(g.column(f"{_ROW}_{'min' if keep == 'first' else 'max'}").to_numpy())
-    return table.take(pa.array(rows))
+    return types.take(table, pa.array(rows))
 
 
 def unique(comm, table, on=None, keep: str = "first") -> pa.Table:
@@ -69,12 +68,13 @@ def unique(comm, table, on=None, keep: str = "first") -> pa.Table:
         _check_groupable(t.schema, cols, "unique")
         return (cols, local_unique(t, cols, keep)), None
 
-    pf = preflight(comm, "unique", [("table", table)], args, prepare)
-    cols, t = pf.local
-    if comm.world_size == 1 or pf.total_rows(0) == 0:
-        return t
-    received = exchange_tables(comm, partition.hash_partition(t, cols, comm.world_size))
-    return local_unique(received, cols, keep)
+    P = comm.world_size
+    ag = agreed_exchange(comm, "unique", [("table", table)], args, prepare,
+                         lambda local, tables: [partition.hash_partition(local[1], local[0], P)
+                                                if P > 1 else [local[1]]])
+    if P == 1:
+        return ag.received[0]
+    return local_unique(ag.received[0], ag.local[0], keep)
 
 
 def _unify(a: pa.Table, b: pa.Table, op: str) -> tuple[pa.Table, pa.Table]:
@@ -107,10 +107,11 @@ def _setop(comm, op: str, a, b, keep_group) -> pa.Table:
         # Distinct per side before anything moves.
         return (cols, local_unique(tagged, cols + [_SIDE])), None
 
-    pf = preflight(comm, op, [("a", a), ("b", b)], None, prepare)
-    cols, tagged = pf.local
-    if comm.world_size > 1 and pf.total_rows(0) + pf.total_rows(1) > 0:
-        tagged = exchange_tables(comm, partition.hash_partition(tagged, cols, comm.world_size))
+    P = comm.world_size
+    ag = agreed_exchange(comm, op, [("a", a), ("b", b)], None, prepare,
+                         lambda local, tables: [partition.hash_partition(local[1], local[0], P)
+                                                if P > 1 else [local[1]]])
+    cols, tagged = ag.local[0], ag.received[0]
     if tagged.num_rows == 0:
         return tagged.drop_columns([_SIDE])
     side = tagged.column(_SIDE)
@@ -119,7 +120,7 @@ def _setop(comm, op: str, a, b, keep_group) -> pa.Table:
     smax = g.column(f"{_SIDE}_max").to_numpy()
     rows = g.column(f"{_ROW}_min").to_numpy()
     rows = np.sort(rows[keep_group(smin, smax)])
-    return tagged.drop_columns([_SIDE]).take(pa.array(rows))
+    return types.take(tagged.drop_columns([_SIDE]), pa.array(rows))
 
 
 def union(comm, a, b) -> pa.Table:

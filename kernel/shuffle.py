@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import partition
-from ._common import KernelError, check_hashable, column_list, exchange_tables, preflight
+from ._common import (KernelError, agreed_exchange, check_hashable, column_list, exchange_tables,
+                      preflight)
 
 __all__ = ["shuffle", "repartition"]
 
@@ -23,11 +24,11 @@ def shuffle(comm, table, on) -> pa.Table:
         check_hashable(tables[0].schema, cols, "shuffle")
         return cols, None
 
-    pf = preflight(comm, "shuffle", [("table", table)], args, prepare)
-    t = pf.tables[0]
-    if comm.world_size == 1 or pf.total_rows(0) == 0:
-        return t
-    return exchange_tables(comm, partition.hash_partition(t, pf.local, comm.world_size))
+    P = comm.world_size
+    ag = agreed_exchange(comm, "shuffle", [("table", table)], args, prepare,
+                         lambda cols, tables: [partition.hash_partition(tables[0], cols, P)
+                                               if P > 1 else [tables[0]]])
+    return ag.received[0]
 
 
 def repartition(comm, table, rows_per_rank: Optional[Sequence[int]] = None) -> pa.Table:
