@@ -451,5 +451,26 @@ def render(rows: list[dict], stores: list[str], peers: list[str]) -> str:
     return "\n".join(lines)
 
 
+# -- store requests of a rank (the suite and the pipeline benchmark count them) ------------
+
+def _stats(comm) -> Optional[dict]:
+    store = getattr(comm, "store", None)
+    if store is None:
+        return None
+    s = store.stats()
+    return {"requests": dict(s.get("requests", {})), "bytes_out": s.get("bytes_out", 0),
+            "bytes_in": s.get("bytes_in", 0), **{k: v for k, v in s.items() if k.startswith("dynamodb.")}}
+
+
+def _diff(before: Optional[dict], after: Optional[dict]) -> dict:
+    if before is None or after is None:
+        return {}
+    req = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
+    out = {"requests": {k: v for k, v in req.items() if v}}
+    for k, v in after.items():
+        if k != "requests":
+            out[k] = v - before.get(k, 0)
+    return out
+
 if __name__ == "__main__":
     sys.exit(main())

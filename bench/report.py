@@ -151,7 +151,10 @@ def markdown(results: dict, charts: list) -> str:
             row: list = [b, r]
             for n in names:
                 c = next((c for c in lat if (c["backend"], c["ranks"], c["name"]) == (b, r, n)), None)
-                row.append(f"{_secs(c['best_s'])} / {_secs(c['median_s'])}" if c else "—")
+                cell = f"{_secs(c['best_s'])} / {_secs(c['median_s'])}" if c else "—"
+                if c and c.get("raw_best_s"):   # mpi: raw mpi4py in the same run
+                    cell += f" (raw mpi4py {_secs(c['raw_best_s'])}: {c['best_s'] / c['raw_best_s']:.2f}x)"
+                row.append(cell)
             table.append(row)
         out.append(_table(["backend", "ranks", "barrier", "tiny exchange", "allgather"], table))
 
@@ -189,13 +192,16 @@ def markdown(results: dict, charts: list) -> str:
         peers = _peer_names(results, workload)
         out += ["", f"## {title}", ""]
         header = ["query" if workload == "bdb" else "operator", "backend", "ranks", "rows", "best",
-                  "median", "requests per run", "$ per run", *[f"{p} (ratio)" for p in peers]]
+                  "median", "collectives per run", "requests per run", "$ per run",
+                  *[f"{p} (ratio)" for p in peers]]
         if workload == "bdb":
             header.append("answer")
         table = []
         for c in sorted(cells, key=lambda c: (c["name"], c["ranks"], c["best_s"])):
+            rounds = c.get("rounds")
             row = [c["name"], c["backend"], c["ranks"], _rows(c["size"]), _secs(c["best_s"]),
-                   _secs(c["median_s"]), _requests(c["requests"], c["repeat"]), _usd(c["usd"]["total"])]
+                   _secs(c["median_s"]), "—" if rounds is None else f"{rounds:g}",
+                   _requests(c["requests"], c["repeat"]), _usd(c["usd"]["total"])]
             for peer in peers:
                 pd = _peer(results, workload, c["name"], c["ranks"], c["size"], peer)
                 row.append(f"{_secs(pd['best_s'])} ({pd['best_s'] / c['best_s']:.2f}x)" if pd else "—")
@@ -208,11 +214,69 @@ def markdown(results: dict, charts: list) -> str:
                         "in one process on all the data; Dask on a LocalCluster of as many "
                         "single-threaded workers as ranks, every shuffle P2P."]
 
+    out += pipeline_section(results)
     out += ["", "## Recommendation", "", recommendation(results)]
     if charts:
         out += ["", "## Charts", ""]
         out += [f"![{os.path.splitext(c)[0]}]({c})" for c in charts]
     return "\n".join(out) + "\n"
+
+
+def _request_total(req: Optional[dict]) -> str:
+    """Requests of one run: the backend's own kinds where it counts them, else the facade's."""
+    if req is None:
+        return "—"
+    own = {k: v for k, v in req.items() if "." in k}
+    return f"{sum((own or req).values()):,.0f}"
+
+
+def pipeline_section(results: dict) -> list:
+    """The star-schema pipeline: one row per backend with the peers as ratios, then the stages
+    (seconds, collectives and store requests of each)."""
+    cells = _cells(results, "pipeline")
+    if not cells:
+        return []
+    out = ["", "## Pipeline (filter → 3 joins → groupby → top 20, star schema)", ""]
+    peers = _peer_names(results, "pipeline")
+    header = ["backend", "ranks", "sales rows", "best", "median", "rounds per run",
+              "requests per run", "$ per run"]
+    header += [f"ours / {p}" if p == "duckdb" else f"{p} / ours" for p in peers] + ["answer"]
+    table = []
+    for c in sorted(cells, key=lambda c: (c["ranks"], c["size"], c["best_s"])):
+        row = [c["backend"], c["ranks"], _rows(c["size"]), _secs(c["best_s"]), _secs(c["median_s"]),
+               c.get("rounds", "—"), _requests(c["requests"], c["repeat"]), _usd(c["usd"]["total"])]
+        for p in peers:
+            pd = _peer(results, "pipeline", c["name"], c["ranks"], c["size"], p)
+            if pd is None or not c["best_s"]:
+                row.append("—")
+            elif p == "duckdb":
+                row.append(f"{c['best_s'] / pd['best_s']:.2f}x ({_secs(pd['best_s'])})")
+            else:
+                row.append(f"{pd['best_s'] / c['best_s']:.2f}x ({_secs(pd['best_s'])})")
+        row.append(c.get("check", "unchecked"))
+        table.append(row)
+    out.append(_table(header, table))
+    out += ["", "ours / duckdb: our time / DuckDB's (single process, all the data; > 1: DuckDB is "
+                "faster); dask-p2p / ours and polars / ours: the peer's time / ours (> 1: ours is "
+                "faster). Dask on a LocalCluster of as many single-threaded workers as ranks, "
+                "merges with shuffle_method p2p. answer: the top 20 rows equal DuckDB's."]
+    staged = [c for c in cells if c.get("stages")]
+    if staged:
+        names = [s["stage"] for s in staged[0]["stages"]]
+        out += ["", "Stages of the best run (seconds: the slowest rank's stage end minus its "
+                    "previous stage end; rounds: collectives; requests: store requests of all "
+                    "ranks):", ""]
+        header = ["stage", "rounds"] + [f"{c['backend']} ({c['ranks']} ranks)" for c in staged]
+        table = []
+        for i, n in enumerate(names):
+            row = [n, staged[0]["stages"][i]["rounds"]]
+            for c in staged:
+                st = c["stages"][i]
+                req = st["requests"]
+                row.append(_secs(st["seconds"]) + (f", {_request_total(req)} req" if req is not None else ""))
+            table.append(row)
+        out.append(_table(header, table))
+    return out
 
 
 # -- charts ------------------------------------------------------------------------------------
@@ -270,7 +334,9 @@ def charts(results: dict, out_dir: str) -> list:
         axes[0].set_ylabel("ms (best; lower is better)")
         axes[0].legend(fontsize=8)
         save(fig, "latency_by_ranks.png")
-    for workload, name in (("operators", "operators_vs_peers.png"), ("bdb", "bdb_vs_peers.png")):
+    titles = {"operators": "Operators", "bdb": "BDB queries", "pipeline": "Pipeline"}
+    for workload, name in (("operators", "operators_vs_peers.png"), ("bdb", "bdb_vs_peers.png"),
+                           ("pipeline", "pipeline_vs_peers.png")):
         cells = _cells(results, workload)
         if not cells:
             continue
@@ -292,7 +358,7 @@ def charts(results: dict, out_dir: str) -> list:
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(ops))])
         ax.set_xticklabels(ops)
         ax.set_ylabel("seconds (best; lower is better)")
-        ax.set_title(f"{'Operators' if workload == 'operators' else 'BDB queries'} on {ranks} ranks "
+        ax.set_title(f"{titles[workload]} on {ranks} ranks "
                      f"vs peers (hatched), {_rows(cells[0]['size'])} rows")
         ax.legend(fontsize=8, ncol=4)
         save(fig, name)

@@ -1,7 +1,8 @@
 """``cylon-store bench``: every storage backend, every workload, one run, one report.
 
     cylon-store bench [--quick | --full] [--backends memory,file,redis,s3,dynamodb,flight,mpi,ucx]
-        [--ranks 4,8] [--sizes 64MB,1GB] [--rows N] [--workloads latency,exchange,operators,bdb]
+        [--ranks 4,8] [--sizes 64MB,1GB] [--rows N]
+        [--workloads latency,exchange,operators,bdb,pipeline]
         [--peers] [--url BACKEND=URL ...] [--out DIR] [--compare OLD.json]
 
 It starts what it needs on loopback (redis-server, moto's server for S3 and DynamoDB, the
@@ -30,7 +31,9 @@ from contextlib import ExitStack
 from typing import Any, Callable, Optional
 
 BACKENDS = ("memory", "file", "redis", "s3", "dynamodb", "flight", "mpi", "ucx")
-WORKLOADS = ("latency", "exchange", "operators", "bdb")
+WORKLOADS = ("latency", "exchange", "operators", "bdb", "pipeline")
+#: What runs without --workloads (the star-schema pipeline is asked for by name).
+DEFAULT_WORKLOADS = ("latency", "exchange", "operators", "bdb")
 MB = 1_000_000
 
 QUICK = {"ranks": [4], "latency_ranks": [4, 8], "sizes": [64 * MB, 256 * MB], "rows": 200_000,
@@ -90,11 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="4 and 8 ranks (latency also 16), 64 MB to 1 GB, 2,000,000 rows")
     p.add_argument("--backends", type=_list(BACKENDS), default=list(BACKENDS),
                    help=f"comma-separated, default {','.join(BACKENDS)}")
-    p.add_argument("--workloads", type=_list(WORKLOADS), default=list(WORKLOADS),
-                   help=f"comma-separated, default {','.join(WORKLOADS)}")
+    p.add_argument("--workloads", type=_list(WORKLOADS), default=list(DEFAULT_WORKLOADS),
+                   help=f"comma-separated from {','.join(WORKLOADS)}; default "
+                        f"{','.join(DEFAULT_WORKLOADS)} (pipeline: filter, 3 joins, groupby, "
+                        f"top-k on a star schema of --rows sales rows)")
     p.add_argument("--ranks", type=_ints, help="rank counts, e.g. 4,8 (latency uses them too)")
     p.add_argument("--sizes", type=_sizes, help="exchange sizes in total, e.g. 64MB,256MB,1GB")
-    p.add_argument("--rows", type=int, help="rows of the operator data and BDB uservisits")
+    p.add_argument("--rows", type=int, help="rows of the operator data, BDB uservisits and pipeline sales")
     p.add_argument("--repeat", type=int, help="timed runs per cell (best and median of these)")
     p.add_argument("--peers", action="store_true",
                    help="also the raw client of each backend, Dask's P2P shuffle, DuckDB and Polars")
@@ -187,7 +192,7 @@ class Backends:
 
 def plan(args) -> list:
     """(backend-independent) cells per rank count: ``{ranks: [cell, ...]}``."""
-    from .workloads import BDB_QUERIES, LATENCY_OPS, OPERATORS
+    from .workloads import BDB_QUERIES, LATENCY_OPS, OPERATORS, PIPELINES
     base: dict[str, Any] = FULL if args.full else QUICK
     ranks = args.ranks or base["ranks"]
     latency_ranks = args.ranks or base["latency_ranks"]
@@ -199,7 +204,8 @@ def plan(args) -> list:
         for P in latency_ranks:
             for op in LATENCY_OPS:
                 by_ranks.setdefault(P, []).append({"workload": "latency", "name": op, "size": 0,
-                                                   "repeat": args.repeat or base["latency_repeat"]})
+                                                   "repeat": args.repeat or base["latency_repeat"],
+                                                   "raw": args.peers})
     for P in ranks:
         cells = by_ranks.setdefault(P, [])
         if "exchange" in args.workloads:
@@ -211,6 +217,9 @@ def plan(args) -> list:
         if "bdb" in args.workloads:
             cells += [{"workload": "bdb", "name": q, "size": rows, "repeat": repeat}
                       for q in BDB_QUERIES]
+        if "pipeline" in args.workloads:
+            cells += [{"workload": "pipeline", "name": n, "size": rows, "repeat": repeat}
+                      for n in PIPELINES]
     return sorted(by_ranks.items())
 
 
@@ -247,12 +256,18 @@ def summarise(backend: str, scheme: str, ranks: int, cell: dict, per_rank: list)
         row["rss_growth_mib"] = max(r["rss_growth_mib"] for r in per_rank)
         row["rows_ok"] = all(r["rows_ok"] for r in per_rank)
         row["usd_per_gb"] = row["usd"]["total"] / (moved / 1e9) if moved else None
-        if "raw_times" in per_rank[0]:
-            raw = [max(r["raw_times"][i] for r in per_rank) for i in range(len(per_rank[0]["raw_times"]))]
-            row["raw_best_s"] = min(raw)
-            row["raw_ratio"] = min(raw) / best if best else None
+    if "raw_times" in per_rank[0]:
+        raw = [max(r["raw_times"][i] for r in per_rank) for i in range(len(per_rank[0]["raw_times"]))]
+        row["raw_best_s"] = min(raw)
+        row["raw_ratio"] = min(raw) / best if best else None
     if "answer" in per_rank[0]:
         row["answer"] = per_rank[0]["answer"]
+    if "rounds" in per_rank[0]:
+        row["rounds"] = per_rank[0]["rounds"]
+    if "stages" in per_rank[0]:   # the pipeline: seconds, rounds and requests of every stage
+        from .pipeline_bench import summarise_stages
+        row["stages"] = summarise_stages(per_rank, times.index(best))
+        row["rounds"] = sum(s["rounds"] for s in row["stages"])
     return row
 
 
@@ -312,12 +327,15 @@ def run_peers(args, plan_: list, results: dict, say, progress) -> None:
     for m, ok in have.items():
         if not ok:
             say(f"skip peer {m}: not installed: pip install 'cylon-store[bench]'")
-    cells = [(P, c) for P, cs_ in plan_ for c in cs_ if c["workload"] in ("operators", "bdb")]
+    cells = [(P, c) for P, cs_ in plan_ for c in cs_
+             if c["workload"] in ("operators", "bdb", "pipeline")]
     exchange = [(P, c) for P, cs_ in plan_ for c in cs_ if c["workload"] == "exchange"]
     for P, c in cells:
         fns: list[tuple[str, Callable[..., list]]] = []
         if c["workload"] == "operators":
             fns = [("duckdb", W.duckdb_operator), ("polars", W.polars_operator)]
+        elif c["workload"] == "pipeline":
+            fns = [("duckdb", W.duckdb_pipeline), ("polars", W.polars_pipeline)]
         else:
             fns = [("duckdb", W.duckdb_bdb), ("polars", W.polars_bdb)]
         for peer, fn in fns:
@@ -325,17 +343,20 @@ def run_peers(args, plan_: list, results: dict, say, progress) -> None:
                 progress(f"{peer} {c['name']}")
                 times = fn(c["name"], c["size"], P, c["repeat"])
                 results["peers"].append(_peer_row(peer, P, c, times))
-    if have["dask"] and (exchange or any(c["workload"] == "operators" for _, c in cells)):
+    on_dask = [(p, c) for p, c in cells if c["workload"] in ("operators", "pipeline")]
+    if have["dask"] and (exchange or on_dask):
         for P in sorted({P for P, _ in exchange + cells}):
             progress(f"dask-p2p on {P} workers")
             from .kernel_bench import DaskPeer
             dask_peer = DaskPeer(P)
             try:
-                for p2, c in exchange + [(p, c) for p, c in cells if c["workload"] == "operators"]:
+                for p2, c in exchange + on_dask:
                     if p2 != P:
                         continue
                     if c["workload"] == "exchange":
                         times = W.dask_shuffle(dask_peer, c["size"], P, c["repeat"])
+                    elif c["workload"] == "pipeline":
+                        times = W.dask_pipeline(dask_peer, c["name"], c["size"], P, c["repeat"])
                     else:
                         times = W.dask_operator(dask_peer, c["name"], c["size"], P, c["repeat"])
                     results["peers"].append(_peer_row("dask-p2p", P, c, times))
@@ -399,7 +420,7 @@ class _Display:
 def run(args) -> dict:
     import cylon_store as cs
 
-    from .workloads import bdb_expected, run_cells
+    from .workloads import bdb_expected, pipeline_check, run_cells
     plan_ = plan(args)
     given = dict(args.url)
     results: dict = {"command": "cylon-store bench " + " ".join(getattr(args, "argv", [])),
@@ -449,6 +470,8 @@ def run(args) -> dict:
                             if key in expected:
                                 row["check"] = "ok" if _same(row.get("answer"), expected[key][cell["name"]]) \
                                     else f"MISMATCH: expected {expected[key][cell['name']]}"
+                        elif cell["workload"] == "pipeline" and _has("duckdb"):
+                            row["check"] = pipeline_check(row.get("answer"), cell["size"], P)
                         results["cells"].append(row)
                     display.step(f"{name} on {P} ranks: {time.monotonic() - t0:.1f}s")
             if args.peers:

@@ -16,25 +16,28 @@ Workloads:
   Alltoallv, or a memcpy of the IPC bytes for memory://);
 * ``operators``: the kernel benchmark's join, groupby and sort (``bench.kernel_bench``);
 * ``bdb``: the Big Data Benchmark's three queries (selection, aggregation by a sourceIP
-  prefix, the join query) on rankings/uservisits generated at ``size`` uservisits rows.
+  prefix, the join query) on rankings/uservisits generated at ``size`` uservisits rows;
+* ``pipeline``: ``bench.pipeline_bench``'s star-schema pipeline (filter, three joins, groupby,
+  top 20) on ``size`` sales rows, with per-stage seconds, collectives and store requests.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .exchange import _hwm_mib, _reset_peak, _rss_mib, rank_parts
-from .kernel_bench import make_data, run_kernel
+from .kernel_bench import _diff, _stats, make_data, run_kernel
 
 LATENCY_OPS = ("barrier", "tiny_exchange", "allgather")
 OPERATORS = ("join", "groupby", "sort")
 BDB_QUERIES = ("selection", "aggregation", "join")
+PIPELINES = ("star-top20",)
 #: BDB query 1's threshold (pageRank > X; the benchmark's 1a uses 1000 over ranks up to ~10^4)
 #: and query 2's sourceIP prefix length (2a: 8 characters), query 3's date range (3a: one year
 #: of ten).
@@ -162,26 +165,6 @@ def bdb_expected(rows: int, world: int) -> dict:
 
 # -- what every rank runs ----------------------------------------------------------------------
 
-def _stats(comm) -> Optional[dict]:
-    store = getattr(comm, "store", None)
-    if store is None:
-        return None
-    s = store.stats()
-    return {"requests": dict(s.get("requests", {})), "bytes_out": s.get("bytes_out", 0),
-            "bytes_in": s.get("bytes_in", 0), **{k: v for k, v in s.items() if k.startswith("dynamodb.")}}
-
-
-def _diff(before: Optional[dict], after: Optional[dict]) -> dict:
-    if before is None or after is None:
-        return {}
-    req = {k: after["requests"].get(k, 0) - before["requests"].get(k, 0) for k in after["requests"]}
-    out = {"requests": {k: v for k, v in req.items() if v}}
-    for k, v in after.items():
-        if k != "requests":
-            out[k] = v - before.get(k, 0)
-    return out
-
-
 def _timed(comm, fn, repeat: int) -> tuple[list, object]:
     times, answer = [], None
     for _ in range(repeat):
@@ -196,14 +179,24 @@ def _tiny_parts(comm) -> list:
     return [pa.table({"k": pa.array([comm.rank], pa.int64())}) for _ in range(comm.world_size)]
 
 
-def _latency(comm, cell: dict) -> dict:
+def _latency(comm, cell: dict, backend: str = "") -> dict:
     parts = _tiny_parts(comm)
     op = cell["name"]
     fn = {"barrier": comm.barrier, "tiny_exchange": lambda: comm.exchange(parts),
           "allgather": lambda: comm.allgather(parts[0])}[op]
     fn()  # warm-up: connections, pools, first notifications
     times, _ = _timed(comm, fn, cell["repeat"])
-    return {"times": times}
+    res: dict = {"times": times}
+    if cell.get("raw") and backend == "mpi":
+        # Raw mpi4py doing the same: MPI_Barrier, and alltoall / allgather of the same Arrow
+        # tables as Python objects (pickled: Arrow IPC underneath).
+        from mpi4py import MPI
+        world = MPI.COMM_WORLD
+        raw = {"barrier": world.Barrier, "tiny_exchange": lambda: world.alltoall(parts),
+               "allgather": lambda: world.allgather(parts[0])}[op]
+        raw()
+        res["raw_times"], _ = _timed(comm, raw, cell["repeat"])
+    return res
 
 
 def _ipc(table: pa.Table) -> pa.Buffer:
@@ -381,7 +374,7 @@ def _operator(comm, cell: dict) -> dict:
              "groups": max(1, rows // 10), "sort_rows": rows}
     data = make_data(op, sizes, comm.rank, comm.world_size)
     run_kernel(comm, op, tuple(t.slice(0, 1000) for t in data))  # warm-up
-    before = _stats(comm)
+    before, seq0 = _stats(comm), comm._seq
     n = [0]
 
     def run():
@@ -389,17 +382,25 @@ def _operator(comm, cell: dict) -> dict:
         n[0] = out.num_rows
     times, _ = _timed(comm, run, cell["repeat"])
     after = _stats(comm)
-    return {"times": times, "stats": _diff(before, after),
+    # Collectives per run (the timing's barrier before each run not counted).
+    rounds = (comm._seq - seq0 - cell["repeat"]) / cell["repeat"]
+    return {"times": times, "stats": _diff(before, after), "rounds": rounds,
             "answer": {"rows": comm.allreduce(n[0], "sum")}}
 
 
 def _bdb(comm, cell: dict) -> dict:
     query = cell["name"]
     tables = bdb_tables(comm.rank, comm.world_size, int(cell["size"]))
-    before = _stats(comm)
+    before, seq0 = _stats(comm), comm._seq
     times, answer = _timed(comm, lambda: bdb_rank_query(comm, query, tables), cell["repeat"])
     after = _stats(comm)
-    return {"times": times, "stats": _diff(before, after), "answer": answer}
+    rounds = (comm._seq - seq0 - cell["repeat"]) / cell["repeat"]
+    return {"times": times, "stats": _diff(before, after), "answer": answer, "rounds": rounds}
+
+
+def _pipeline(comm, cell: dict) -> dict:
+    from .pipeline_bench import pipeline_rank
+    return pipeline_rank(comm, int(cell["size"]), cell["repeat"])
 
 
 def run_cells(comm, cells: list, backend: str, url: str) -> list:
@@ -410,13 +411,15 @@ def run_cells(comm, cells: list, backend: str, url: str) -> list:
     for cell in cells:
         kind = cell["workload"]
         if kind == "latency":
-            res = _latency(comm, cell)
+            res = _latency(comm, cell, backend)
         elif kind == "exchange":
             res = _exchange(comm, cell, backend, url)
         elif kind == "operators":
             res = _operator(comm, cell)
         elif kind == "bdb":
             res = _bdb(comm, cell)
+        elif kind == "pipeline":
+            res = _pipeline(comm, cell)
         else:
             raise ValueError(f"unknown workload {kind!r}")
         out.append(res)
@@ -490,3 +493,32 @@ def dask_shuffle(peer, total_bytes: int, world: int, repeat: int) -> list:
     tables = [pa.concat_tables(rank_parts(SimpleNamespace(rank=r, world_size=world), total_bytes))
               for r in range(world)]
     return peer.shuffle(pa.concat_tables(tables).combine_chunks(), repeat)
+
+
+def duckdb_pipeline(name: str, rows: int, world: int, repeat: int) -> list:
+    from .pipeline_bench import duckdb_run, full_tables
+    return duckdb_run(full_tables(rows, world), repeat)[0]
+
+
+def polars_pipeline(name: str, rows: int, world: int, repeat: int) -> list:
+    from .pipeline_bench import full_tables, polars_run
+    return polars_run(full_tables(rows, world), repeat)[0]
+
+
+def dask_pipeline(peer, name: str, rows: int, world: int, repeat: int) -> list:
+    from .pipeline_bench import dask_run, full_tables
+    return dask_run(peer, full_tables(rows, world), repeat)[0]
+
+
+@functools.lru_cache(maxsize=4)
+def pipeline_expected(rows: int, world: int) -> list:
+    """DuckDB's top-k rows for the data the ranks generate (once per size and rank count)."""
+    from .pipeline_bench import duckdb_answer, full_tables
+    return duckdb_answer(full_tables(rows, world))
+
+
+def pipeline_check(answer, rows: int, world: int) -> str:
+    """"ok" when a pipeline cell's top-k rows equal DuckDB's on the same data."""
+    from .pipeline_bench import compare
+    diff = compare(answer or [], pipeline_expected(rows, world))
+    return "ok" if diff is None else f"MISMATCH: {diff}"
