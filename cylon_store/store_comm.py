@@ -113,7 +113,9 @@ class StoreCommunicator(Communicator):
         self._mailbox: dict[str, Optional[bytes]] = {}
         self.stats = {"exchanges": 0, "rows_sent": 0, "rows_received": 0}
         if self._doorbell:
-            store.wait(self._inbox, 0)   # listen from now on (a doorbell rung before is lost)
+            # Listen from now on (a doorbell rung before was not delivered, and its sender
+            # wrote the object); one that arrived while binding is kept.
+            self._take(store.wait(self._inbox, 0))
 
     def _put(self, key: str, table: pa.Table, dst: Optional[int]) -> None:
         self.store.put(key, table)
