@@ -185,16 +185,7 @@ def preflight(comm, op: str, inputs: Sequence[tuple[str, Any]], args: Any = None
         row[f"rows{i}"] = pa.array([t.num_rows if t is not None else 0], pa.int64())
         row[f"bytes{i}"] = pa.array([t.nbytes if t is not None else 0], pa.int64())
     gathered = pa.concat_tables(comm.allgather(pa.table(row))).to_pydict()
-
-    try:
-        schemas = _agree(op, inputs, gathered, P)
-    except KernelError as exc:
-        # Every rank raises.  First make sure every rank has read the gathered rows: a rank that
-        # leaves a ``with connect(...)`` block on an error removes what it wrote.
-        comm.barrier()
-        if error is not None:
-            raise exc from error
-        raise
+    schemas = _verdict(comm, op, inputs, gathered, error)
     if any(t is None for t in tables):
         tables = [t if t is not None else schemas[i].empty_table() for i, t in enumerate(tables)]
         if prepare is not None:
@@ -281,15 +272,7 @@ def agreed_exchange(comm, op: str, inputs: Sequence[tuple[str, Any]], args: Any,
         gathered[f"schema{i}"] = [rec["schemas"][i] for rec in records]
         gathered[f"rows{i}"] = [rec["rows"][i] for rec in records]
         gathered[f"bytes{i}"] = [rec["bytes"][i] for rec in records]
-    try:
-        schemas = _agree(op, inputs, gathered, P)
-    except KernelError as exc:
-        # Every rank raises.  First make sure every rank has read what it was sent: a rank that
-        # leaves a ``with connect(...)`` block on an error removes what it wrote.
-        comm.barrier()
-        if error is not None:
-            raise exc from error
-        raise
+    schemas = _verdict(comm, op, inputs, gathered, error)
     if any(t is None for t in tables):
         tables = [t if t is not None else schemas[i].empty_table() for i, t in enumerate(tables)]
         local, payload = prepare(tables)
@@ -336,6 +319,19 @@ def _with_record(table: pa.Table, record: bytes) -> pa.Table:
 def _without_record(table: pa.Table) -> pa.Table:
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != AGREE_KEY}
     return table.replace_schema_metadata(meta or None)
+
+
+def _verdict(comm, op, inputs, gathered, error: Optional[BaseException]) -> list[pa.Schema]:
+    """``_agree``; on a failed verdict every rank raises, after a barrier: every rank has then
+    read what it was sent (a rank that leaves a ``with connect(...)`` block on an error removes
+    what it wrote)."""
+    try:
+        return _agree(op, inputs, gathered, comm.world_size)
+    except KernelError as exc:
+        comm.barrier()
+        if error is not None:
+            raise exc from error
+        raise
 
 
 def _agree(op, inputs, gathered, P) -> list[pa.Schema]:

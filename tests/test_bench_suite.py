@@ -74,6 +74,14 @@ def test_every_backend_every_workload_with_peers(tmp_path):
     assert "compared with" in cmp.stdout and "within 10%" in cmp.stdout
 
 
+def _cmdline(p) -> str:
+    """A child's command line, or "" once it has exited (a zombie has none)."""
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def test_ctrl_c_writes_partial_results_and_stops_servers(tmp_path):
     # 1 rank: 20,000 rounds take about a second; 2 ranks: minutes, interrupted after a second.
     out = tmp_path / "run"
@@ -86,8 +94,8 @@ def test_ctrl_c_writes_partial_results_and_stops_servers(tmp_path):
     servers: list = []
     while time.monotonic() < deadline:  # wait for the 2-rank launch: the 1-rank one is done
         kids = me.children(recursive=True)
-        servers = [k for k in kids if "redis-server" in " ".join(k.cmdline())]
-        if len([k for k in kids if "cylon_store.worker" in " ".join(k.cmdline())]) == 2:
+        servers = [k for k in kids if "redis-server" in _cmdline(k)]
+        if len([k for k in kids if "cylon_store.worker" in _cmdline(k)]) == 2:
             break
         time.sleep(0.05)
     else:

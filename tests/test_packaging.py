@@ -7,6 +7,7 @@ which CI runs before this suite."""
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import os
 import re
@@ -55,10 +56,17 @@ def _requirement_names(reqs: list[str]) -> set[str]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def _packages_distributions() -> dict:
+    """importlib.metadata.packages_distributions(), read once (it scans every installed
+    distribution: seconds per call with [all] installed)."""
+    return importlib.metadata.packages_distributions()
+
+
 def _distribution_of(module: str) -> str:
     """The installed distribution providing ``module``; for one not installed here (an extra the
     test command does not install, e.g. [bench]'s polars), the module's own name."""
-    dists = importlib.metadata.packages_distributions().get(module)
+    dists = _packages_distributions().get(module)
     return (dists[0] if dists else module).lower().replace("_", "-")
 
 
@@ -81,7 +89,7 @@ def test_base_dependencies_are_all_used():
     used = set()
     for folder in ("cylon_store", "kernel", "adapters"):
         used |= {_distribution_of(m) for m in _imports(ROOT / folder)
-                 if importlib.metadata.packages_distributions().get(m)}
+                 if _packages_distributions().get(m)}
     base = _requirement_names(PYPROJECT["project"]["dependencies"])
     assert base <= used, f"base dependencies never imported by the package: {sorted(base - used)}"
 
