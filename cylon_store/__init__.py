@@ -28,6 +28,16 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 _LAZY = {
     "DataFrame": ("cylon_store.kernel.frame", "DataFrame"),
+    "concat": ("cylon_store.kernel.frame", "concat"),
+    # the pycylon-compatible front end (cylon_store.cylon) and distributed I/O (cylon_store.io)
+    "CylonEnv": ("cylon_store.cylon", "CylonEnv"),
+    "StoreConfig": ("cylon_store.cylon", "StoreConfig"),
+    "read_csv_dist": ("cylon_store.io", "read_csv_dist"),
+    "read_json_dist": ("cylon_store.io", "read_json_dist"),
+    "read_parquet_dist": ("cylon_store.io", "read_parquet_dist"),
+    "write_csv_dist": ("cylon_store.io", "write_csv_dist"),
+    "write_json_dist": ("cylon_store.io", "write_json_dist"),
+    "write_parquet_dist": ("cylon_store.io", "write_parquet_dist"),
 }
 
 
@@ -39,14 +49,16 @@ def __getattr__(name):
         value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
-    if name == "kernel":
+    if name in ("kernel", "cylon", "io"):
         import importlib
-        return importlib.import_module("cylon_store.kernel")
+        return importlib.import_module(f"cylon_store.{name}")
     raise AttributeError(f"module 'cylon_store' has no attribute {name!r}")
 
 
 __all__ = [
-    "open_store", "Store", "connect", "Communicator", "launch", "DataFrame", "register",
+    "open_store", "Store", "connect", "Communicator", "launch", "DataFrame", "register", "concat",
+    "CylonEnv", "StoreConfig", "read_csv_dist", "read_json_dist", "read_parquet_dist",
+    "write_csv_dist", "write_json_dist", "write_parquet_dist",
     "PutMode", "Capabilities", "ObjectMeta",
     "StoreError", "NotFoundError", "AlreadyExistsError", "PreconditionError", "NotSupportedError",
     "ThrottledError", "TransientError", "IntegrityError", "PayloadTooLargeError",

@@ -31,7 +31,7 @@ def test_dataframe_methods(store_url):
     assert_same_rows(concat([o[0] for o in out]),
                      local_join(left, right, ["k0"], ["k0"], "left", ("_x", "_y")))
     grouped = concat([o[1] for o in out])
-    assert grouped.column_names == ["k0", "v_sum", "v_mean", "x_std"]
+    assert grouped.column_names == ["k0", "sum_v", "mean_v", "std_x"]  # pycylon names: {op}_{column}
     assert grouped.num_rows == pc.count_distinct(left.column("k0"), mode="all").as_py()
     expected = left.take(pc.sort_indices(left, sort_keys=[("k0", "descending"), ("v", "ascending")]))
     assert_same_rows(concat([o[2] for o in out]), expected, ordered=True)
