@@ -171,12 +171,62 @@ def bench_rank(comm, op: str, sizes: dict, repeat: int):
 
 # -- our runs -----------------------------------------------------------------------------------
 
-def run_ours(store: str, url: str, op: str, sizes: dict, ranks: int, repeat: int):
-    results = cs.launch(bench_rank, ranks, store=url, launcher="local",
+def run_ours(store: str, url: str, op: str, sizes: dict, ranks: int, repeat: int,
+             launcher: str = "local", client: Any = None):
+    extra = {"client": client} if client is not None else {}
+    results = cs.launch(bench_rank, ranks, store=url, launcher=launcher,
                         args=(op, sizes, repeat), job=f"kb-{op.replace('_', '-')}-{uuid.uuid4().hex[:6]}",
-                        comm_timeout=600)
+                        comm_timeout=600, **extra)
     times, rows = results[0]
     return min(times), rows
+
+
+class Launchers:
+    """The clusters that ``--launcher ray,dask`` runs our ranks on, started for the run: a local
+    Ray instance of ``ranks`` CPUs (one bundle per rank) and a Dask LocalCluster of ``ranks``
+    single-threaded worker processes (one rank per process, as the local launcher runs them)."""
+
+    def __init__(self, names: list, ranks: int):
+        self.names = names
+        self.client: Any = None
+        self.cluster: Any = None
+        self.ray: Any = None
+        if "ray" in names:
+            require("ray", extra="ray", why="--launcher ray")
+            import logging
+
+            import ray
+            ray.init(address="local", num_cpus=ranks, include_dashboard=False,
+                     logging_level=logging.ERROR)
+            self.ray = ray
+        if "dask" in names:
+            require("distributed", extra="dask", why="--launcher dask")
+            import logging
+
+            from distributed import Client, LocalCluster
+            self.cluster = LocalCluster(n_workers=ranks, threads_per_worker=1, processes=True,
+                                        dashboard_address=":0", memory_limit=0,
+                                        silence_logs=logging.ERROR)
+            self.client = Client(self.cluster)
+
+    @staticmethod
+    def column(store: str, launcher: str) -> str:
+        return store if launcher == "local" else f"{store}@{launcher}"
+
+    def run(self, launcher: str, store: str, url: str, op: str, sizes: dict, ranks: int,
+            repeat: int) -> tuple:
+        """(best kernel seconds, result rows, wall seconds of the whole launch)."""
+        t0 = time.perf_counter()
+        t, n = run_ours(store, url, op, sizes, ranks, repeat, launcher,
+                        self.client if launcher == "dask" else None)
+        return t, n, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.cluster.close()
+        if self.ray is not None:
+            self.ray.shutdown()
 
 
 # -- peers --------------------------------------------------------------------------------------
@@ -315,6 +365,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--repeat", type=int, default=None, help="runs per measurement (best of)")
     ap.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    ap.add_argument("--launcher", default="local",
+                    help="comma-separated launchers of our ranks, side by side: local, ray (a "
+                         "local Ray instance), dask (a Dask LocalCluster of --ranks workers)")
     ap.add_argument("--sweep", action="store_true",
                     help="only measure the two choices made by measurement: broadcast vs "
                          "shuffle join by right-side size, and groupby with vs without "
@@ -328,6 +381,10 @@ def main(argv=None) -> int:
     stores = [s for s in args.stores.split(",") if s]
     peers = [p for p in args.peers.split(",") if p]
     ops = [o for o in args.ops.split(",") if o]
+    launchers = [x for x in args.launcher.split(",") if x]
+    unknown = sorted(set(launchers) - {"local", "ray", "dask"})
+    if unknown:
+        ap.error(f"--launcher: unknown {', '.join(unknown)} (choose from local, ray, dask)")
     P = args.ranks
     peer_modules = {"dask": ["dask", "distributed", "pandas"], "duckdb": ["duckdb"], "polars": ["polars"]}
     require(*[m for p in peers for m in peer_modules.get(p, [])],
@@ -357,16 +414,20 @@ def main(argv=None) -> int:
             urls[s] = s  # any other store URL
     rows_out: list[dict] = []
     peer_ops = list(dict.fromkeys(_base(op) for op in ops))
+    clusters = Launchers(launchers, P)
     try:
         # Ours and the single-process peers first; the Dask cluster only afterwards, since its
         # idle worker processes alone take a visible share of a small machine's CPUs.
         for op in ops:
             row = {"op": op}
             for s, url in urls.items():
-                t, n = run_ours(s, url, op, sizes, P, repeat)
-                row[f"cylon-{s}"] = t
-                row["rows"] = n
-                print(f"{op:14s} cylon/{s:7s} {t:8.3f}s  rows={n}", flush=True)
+                for launcher in launchers:
+                    t, n, wall = clusters.run(launcher, s, url, op, sizes, P, repeat)
+                    col = Launchers.column(s, launcher)
+                    row[f"cylon-{col}"] = t
+                    row["rows"] = n
+                    print(f"{op:14s} cylon/{col:7s} {t:8.3f}s  rows={n}  (launch wall "
+                          f"{wall:.2f}s)", flush=True)
             rows_out.append(row)
         peer_times: dict = {}
         for op in peer_ops:
@@ -393,11 +454,12 @@ def main(argv=None) -> int:
                 if op == _base(row["op"]):
                     row[name] = t
     finally:
+        clusters.close()
         if redis_server is not None:
             redis_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(render(rows_out, list(urls), peers))
+    print(render(rows_out, [Launchers.column(s, x) for s in urls for x in launchers], peers))
     return 0
 
 

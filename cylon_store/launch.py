@@ -4,8 +4,11 @@
 threads of this process (handy for debugging), ``mpi`` runs the same worker entry under
 ``mpirun``.  Every launcher fails promptly when a rank raises (re-raised here with its rank and
 remote traceback) or dies (killed, segfault): the other ranks are stopped, never left hanging.
+``ray`` and ``dask`` run the ranks on a Ray cluster (a placement group, one 1-CPU bundle per
+rank) or on a Dask cluster (one worker thread per rank), gang-scheduled: see ``cluster.py``.
 ``memory://`` works with every launcher: for processes it becomes a shared-memory store
-(``/dev/shm``) that the launcher removes at the end.
+(``/dev/shm``) that the launcher removes at the end (refused by ``ray``/``dask`` when their
+cluster spans other hosts).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .keys import validate_job
 
 log = logging.getLogger("cylon_store")
 
-LAUNCHERS = ("local", "threads", "mpi", "lambda", "lambda-local")
+LAUNCHERS = ("local", "threads", "mpi", "lambda", "lambda-local", "ray", "dask")
 _POLL = 0.02
 
 
@@ -40,7 +43,8 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
            args: Sequence = (), job: Optional[str] = None, *, timeout: Optional[float] = None,
            comm_timeout: Optional[float] = None, env: Optional[dict] = None,
            exchange: Optional[str] = None, function: Optional[str] = None, report: bool = False,
-           start_timeout: Optional[float] = None, local_options: Optional[dict] = None):
+           start_timeout: Optional[float] = None, local_options: Optional[dict] = None,
+           client: Any = None):
     """Run ``fn(comm, *args)`` on ``world_size`` ranks connected through ``store``.
 
     ``timeout`` bounds the whole launch (None: no bound); ``comm_timeout`` is each collective's
@@ -53,6 +57,12 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
     ``launcher="lambda-local"`` does the same against a local Lambda service that it starts
     and stops (``local_options``: ``memory_mb``, ``timeout_s``, ``concurrency``, ... of
     ``serverless.local.LocalLambda``).
+
+    ``launcher="ray"`` runs the ranks as Ray tasks in one placement group on the connected Ray
+    cluster (``ray.init`` or ``RAY_ADDRESS``; with neither, a local Ray instance is started);
+    ``launcher="dask"`` runs them as tasks pinned to worker threads of ``client`` (default: the
+    current ``distributed.Client``).  Both fail at once when the cluster cannot run all
+    ``world_size`` ranks together; ``start_timeout`` bounds the wait for resources in use.
     """
     if launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
@@ -60,10 +70,14 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
     if report and not serverless:
         raise ConfigError("report=True prices a serverless run: use it with launcher='lambda' or "
                           "'lambda-local'")
-    for name, value in (("function", function), ("start_timeout", start_timeout),
-                        ("local_options", local_options)):
+    for name, value in (("function", function), ("local_options", local_options)):
         if value is not None and not serverless:
             raise ConfigError(f"{name}= applies to launcher='lambda' and 'lambda-local' only")
+    if start_timeout is not None and not (serverless or launcher in ("ray", "dask")):
+        raise ConfigError("start_timeout= applies to launcher='lambda', 'lambda-local', 'ray' and "
+                          "'dask' only")
+    if client is not None and launcher != "dask":
+        raise ConfigError("client= (a distributed.Client) applies to launcher='dask' only")
     if not callable(fn):
         raise ConfigError(f"launch needs a callable fn(comm, *args), got {type(fn).__name__}")
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -86,6 +100,9 @@ def launch(fn: Callable, world_size: int, store: str = "memory://", launcher: st
                               f"cannot: use launcher='mpi' (or 'local' for ucx://)")
         return _launch_threads(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
                                exchange)
+    if launcher in ("ray", "dask"):
+        return _launch_cluster(fn, world_size, store, tuple(args), job, timeout, comm_timeout,
+                               exchange, env, start_timeout, launcher, client)
     env = dict(env or {})
     if exchange is not None:
         env["CYLON_STORE_EXCHANGE"] = exchange
@@ -124,6 +141,30 @@ def _launch_lambda(fn, world_size, url, args, job, timeout, comm_timeout, exchan
     finally:
         if cleanup:
             cleanup()
+
+
+# -- Ray and Dask clusters -------------------------------------------------------------------
+
+def _launch_cluster(fn, world_size, url, args, job, timeout, comm_timeout, exchange, env,
+                    start_timeout, launcher, client):
+    from . import cluster
+    from .config import split_url
+
+    scheme = split_url(url)[0]
+    if scheme == "mpi":
+        raise ConfigError(f"mpi:// needs ranks started by mpirun: use launcher='mpi', not "
+                          f"{launcher!r}")
+    if scheme == "ucx" and _needs_rendezvous(url, dict(env or {})):
+        raise ConfigError(f"ucx:// under launcher={launcher!r} needs a rendezvous store that "
+                          f"every node reaches: ucx://?rendezvous=redis://host:6379")
+    common = dict(timeout=timeout, comm_timeout=comm_timeout, exchange=exchange,
+                  start_timeout=start_timeout, share=_process_store_url)
+    if launcher == "ray":
+        return cluster.launch_ray(fn, world_size, url, args, job, env=dict(env or {}), **common)
+    if env:
+        raise ConfigError("env= sets rank processes' environment; Dask ranks are threads of the "
+                          "worker processes: configure the workers' environment instead")
+    return cluster.launch_dask(fn, world_size, url, args, job, client=client, **common)
 
 
 # -- threads --------------------------------------------------------------------------------
