@@ -79,7 +79,7 @@ PY
 "$py" "$script"
 
 step "dry-run resolve of each extra and of [all]"
-for extra in s3 dynamodb redis mpi ucx lambda bench test all; do
+for extra in s3 dynamodb redis mpi ucx lambda fsspec ray dask bench test all; do
     start=$(date +%s)
     "$venv/bin/pip" install -q --disable-pip-version-check --dry-run ".[$extra]" >/dev/null
     echo "[$extra] resolves ($(( $(date +%s) - start )) s)"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # A normal (non-editable) install: the suite imports the clone's sources (cylon_store/ links
 # kernel/, adapters/ and bench/ in, so they import as installed), and the installed copy agrees.
-python -m pip install --disable-pip-version-check -q '.[test,bench,redis,s3,dynamodb,mpi,ucx,lambda]'
+python -m pip install --disable-pip-version-check -q '.[test,bench,redis,s3,dynamodb,mpi,ucx,lambda,ray,dask,fsspec]'
 
 # Real servers for the backend tests: redis-server from Debian when missing.
 if ! command -v redis-server >/dev/null 2>&1; then
