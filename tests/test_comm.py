@@ -543,3 +543,20 @@ def test_abort_waits_for_its_sends_before_cleaning_up(monkeypatch):
                       comm_timeout=30)
         time.sleep(1.5)
         assert_empty(store)
+
+
+def test_doorbell_that_arrives_while_a_rank_binds_is_kept(tmp_path, monkeypatch):
+    """A rank binds its doorbell when its communicator is created, with a wait(0) that may
+    already return a message (rung between bind and return): it is kept, not dropped (its
+    sender wrote no object, so a dropped one left the receiver waiting until its timeout)."""
+    from cylon_store.adapters.file import FileAdapter
+    real = FileAdapter.wait
+    rung = b"_cylon/bell/abc/000000001/all/000001\0" + b"data"
+
+    def wait(self, channel, timeout):
+        got = real(self, channel, timeout)
+        return got + [rung] if timeout == 0 else got
+
+    monkeypatch.setattr(FileAdapter, "wait", wait)
+    with cs.connect(f"file://{tmp_path}/s?fsync=false", job="bell", rank=0, world_size=1) as comm:
+        assert comm._mailbox == {"_cylon/bell/abc/000000001/all/000001": b"data"}
